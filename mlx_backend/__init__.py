@@ -1,0 +1,1 @@
+"""MLX serving engine behind the LocalAI gRPC backend (see backend.py)."""

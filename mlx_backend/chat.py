@@ -1,0 +1,110 @@
+"""Prompt tokens for a request: the raw `Prompt`, or `Messages` rendered
+through the model's chat template with tools and template switches."""
+
+import json
+from typing import List, Optional
+
+from .errors import FailedPrecondition, InvalidArgument
+
+ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+
+
+def parse_json(text: str, field: str, kind=None):
+    """Parse a JSON field of the request, naming the field when it is bad."""
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise InvalidArgument(f"{field} is not valid JSON: {err}") from None
+    if kind is not None and not isinstance(value, kind):
+        raise InvalidArgument(f"{field} must be a JSON {kind.__name__}")
+    return value
+
+
+def _tool_calls(text: str, index: int) -> list:
+    calls = parse_json(text, f"Messages[{index}].tool_calls", list)
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise InvalidArgument(
+                f"Messages[{index}].tool_calls: each call needs a 'function' object")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):  # OpenAI sends a JSON string; templates want a dict
+            try:
+                function["arguments"] = json.loads(arguments)
+            except ValueError:
+                pass
+    return calls
+
+
+def messages_to_dicts(messages) -> List[dict]:
+    """Protobuf `Message`s to the dicts chat templates expect."""
+    out = []
+    for i, m in enumerate(messages):
+        role = m.role.strip().lower()
+        if role not in ROLES:
+            raise InvalidArgument(f"Messages[{i}].role {m.role!r} is not one of "
+                                  f"{', '.join(sorted(ROLES))}")
+        item = {"role": role, "content": m.content}
+        if m.name:
+            item["name"] = m.name
+        if m.tool_call_id:
+            item["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content:
+            item["reasoning_content"] = m.reasoning_content
+        if m.tool_calls:
+            item["tool_calls"] = _tool_calls(m.tool_calls, i)
+        out.append(item)
+    return out
+
+
+def template_kwargs(tools: str, metadata) -> dict:
+    """Tools and LocalAI's Metadata switches, passed on to the chat template."""
+    kwargs = {}
+    if tools:
+        kwargs["tools"] = parse_json(tools, "Tools", list)
+    if metadata.get("chat_template_kwargs"):
+        kwargs.update(parse_json(metadata["chat_template_kwargs"],
+                                 "Metadata.chat_template_kwargs", dict))
+    if "enable_thinking" in metadata:
+        kwargs["enable_thinking"] = metadata["enable_thinking"].strip().lower() == "true"
+    if metadata.get("reasoning_effort"):
+        kwargs["reasoning_effort"] = metadata["reasoning_effort"]
+    return kwargs
+
+
+def render_chat(tokenizer, messages: List[dict], kwargs: dict,
+                add_generation_prompt: bool = True) -> str:
+    if not getattr(tokenizer, "has_chat_template", False):
+        raise FailedPrecondition(
+            "the loaded model has no chat template: send a raw Prompt instead of "
+            "Messages, or load a model whose tokenizer_config.json has a chat_template")
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    except Exception as err:  # jinja2 raises TemplateError and anything the template raises
+        raise InvalidArgument(f"the chat template rejected the messages: {err}") from None
+
+
+def prompt_tokens(tokenizer, opts) -> List[int]:
+    """Tokens to feed for a PredictOptions-like request."""
+    use_template = bool(opts.Messages) and (opts.UseTokenizerTemplate or not opts.Prompt)
+    if use_template:
+        text = render_chat(tokenizer, messages_to_dicts(opts.Messages),
+                           template_kwargs(opts.Tools, dict(opts.Metadata)))
+        return tokenizer.encode(text, add_special_tokens=False)
+    if opts.Tools:
+        parse_json(opts.Tools, "Tools", list)
+    if not opts.Prompt:
+        raise InvalidArgument("empty request: set Prompt, or Messages with "
+                              "UseTokenizerTemplate")
+    return tokenizer.encode(opts.Prompt)
+
+
+def system_prefix_tokens(tokenizer, opts) -> Optional[List[int]]:
+    """Tokens of the leading system message alone, for a cache checkpoint."""
+    if not (opts.Messages and opts.Messages[0].role.strip().lower() == "system"):
+        return None
+    kwargs = template_kwargs(opts.Tools, dict(opts.Metadata))
+    text = render_chat(tokenizer, messages_to_dicts(opts.Messages[:1]), kwargs,
+                       add_generation_prompt=False)
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,182 @@
+"""Find the model LocalAI names, load it with mlx-lm, and pick the CPU fast path.
+
+LocalAI passes `Model` (the user's name: a folder, a `.gguf` file or a hub id),
+`ModelFile` (that name joined with the models directory) and `ModelPath` (the
+models directory). We try them in that spirit: an existing `ModelFile`, then
+`Model` as a path (absolute or under `ModelPath`), then a hub id.
+
+On the CPU, MLX's quantized matmul is not BLAS-backed and is several times
+slower than a float32 product through OpenBLAS, so quantized weights are
+dequantized to float32 at load unless the `dequantize:false` option says not to.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import BackendError, NotFound
+from .options import ModelSettings
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class LoadError(BackendError):
+    """A model that cannot be loaded; LoadModel reports it in its Result."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    name: str  # `Model` as LocalAI sent it: the identity requests are checked against
+    source: str  # the folder, file or hub id actually loaded
+    model: nn.Module
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    context_length: int
+    weights_bytes: int
+    weight_format: str
+    load_seconds: float
+
+
+def resolve_source(model: str, model_file: str = "", model_path: str = "") -> str:
+    """Return an existing local path, or a hub id, for what LocalAI asked to load."""
+    tried = []
+    candidates = [model_file]
+    if model:
+        candidates.append(model)
+        if model_path and not os.path.isabs(model):
+            candidates.append(os.path.join(model_path, model))
+    for candidate in candidates:
+        if not candidate:
+            continue
+        tried.append(candidate)
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    if model and _HUB_ID.match(model) and not model.lower().endswith(".gguf"):
+        return model
+    if not tried:
+        raise NotFound("no model given: set Model (a folder, a .gguf file or a hub id)")
+    raise NotFound(f"model not found: tried {', '.join(repr(t) for t in tried)}")
+
+
+def _is_gguf(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _model_folder(source: str, settings: ModelSettings) -> str:
+    """GGUF files are imported to an MLX folder (cached); folders pass through."""
+    if os.path.isfile(source):
+        if not _is_gguf(source):
+            raise LoadError(f"{source}: not a GGUF file (wrong magic) and not a model folder")
+        from .gguf_import import GGUFImportError, import_gguf
+
+        try:
+            return str(import_gguf(source, settings.gguf_cache_dir))
+        except GGUFImportError as err:
+            raise LoadError(str(err)) from None
+    if os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")):
+        raise LoadError(f"{source}: folder has no config.json; is it an MLX model folder?")
+    return source
+
+
+def on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def blas_library() -> Optional[str]:
+    """The optimized BLAS mapped into this process, if any (CPU fast path)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                # numpy's private OpenBLAS does not serve MLX's BLAS calls.
+                if re.search(r"openblas|libmkl|libblis", path) and "scipy_openblas" not in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _apply_cpu_fast_path(model: nn.Module, settings: ModelSettings) -> str:
+    """Dequantize and widen to float32 on the CPU; describe the weight format."""
+    from mlx_lm.utils import dequantize_model
+
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                    for _, m in model.named_modules())
+    keep = settings.dequantize is False or (settings.dequantize is None and not on_cpu())
+    if quantized and keep:
+        if on_cpu():
+            log.warning("keeping quantized weights on the CPU (dequantize:false): "
+                        "MLX's CPU quantized kernels are several times slower")
+        return "quantized"
+    if quantized:
+        dequantize_model(model)
+    if on_cpu():
+        dtypes = {v.dtype for _, v in tree_flatten(model.parameters())}
+        if dtypes - {mx.float32}:
+            model.set_dtype(mx.float32)
+        return "float32 (dequantized)" if quantized else "float32"
+    return "dequantized" if quantized else str(next(iter(
+        {v.dtype for _, v in tree_flatten(model.parameters())})))
+
+
+def _context_length(config: dict, tokenizer, settings: ModelSettings, requested: int) -> int:
+    if settings.context_size:
+        return settings.context_size
+    if requested and requested > 0:
+        return requested
+    for key in ("max_position_embeddings", "max_sequence_length", "n_positions"):
+        if config.get(key):
+            return int(config[key])
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < 10**7 else 4096
+
+
+def load_model(name: str, model_file: str, model_path: str, settings: ModelSettings,
+               context_size: int = 0) -> LoadedModel:
+    """Resolve, load and prepare a model; raises NotFound or LoadError."""
+    import mlx_lm
+
+    started = time.perf_counter()
+    source = resolve_source(name, model_file, model_path)
+    folder = _model_folder(source, settings)
+    try:
+        model, tokenizer, config = mlx_lm.load(
+            folder, return_config=True, trust_remote_code=settings.trust_remote_code)
+    except Exception as err:  # mlx-lm raises many kinds; all mean "cannot load"
+        raise LoadError(f"{source}: cannot load model: {type(err).__name__}: {err}") from err
+    weight_format = _apply_cpu_fast_path(model, settings)
+    mx.eval(model.parameters())
+    weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    loaded = LoadedModel(
+        name=name or source,
+        source=source,
+        model=model,
+        tokenizer=tokenizer,
+        context_length=_context_length(config, tokenizer, settings, context_size),
+        weights_bytes=weights_bytes,
+        weight_format=weight_format,
+        load_seconds=time.perf_counter() - started,
+    )
+    device = "cpu" if on_cpu() else "gpu"
+    blas = blas_library() if on_cpu() else None
+    log.info("loaded %s on %s: weights %s (%.1f MB), context %d, %.2fs", source, device,
+             weight_format, weights_bytes / 2**20, loaded.context_length, loaded.load_seconds)
+    if on_cpu():
+        if blas:
+            log.info("CPU fast path: BLAS %s", blas)
+        else:
+            log.warning("CPU fast path unavailable: no optimized BLAS loaded (install "
+                        "libopenblas0-pthread and start through run.sh)")
+    return loaded

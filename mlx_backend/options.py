@@ -1,0 +1,150 @@
+"""LoadModel `Options` ("key:value" strings) parsed into typed settings.
+
+Values are typed by content (true/false, int, float, else string), as LocalAI
+documents. Unknown keys are logged and ignored; a known key with a value of
+the wrong kind fails the load with a message naming the key.
+"""
+
+import dataclasses
+import logging
+import re
+from typing import Optional
+
+from .errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+_SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_value(text: str):
+    """Type an option value by its content: bool, int, float, else string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return int(lowered)
+    except ValueError:
+        pass
+    try:
+        return float(lowered)
+    except ValueError:
+        return text.strip()
+
+
+def parse_bytes(value) -> int:
+    """Accept 123, "512MB", "2GiB", "1.5g" as a byte count."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512MB")
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b)?\s*", str(value).lower())
+    if not match:
+        raise ValueError("expected a size such as 512MB or 2GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+@dataclasses.dataclass
+class ModelSettings:
+    """Everything LoadModel configures; request fields override the sampling
+    defaults here, which override the built-in defaults below."""
+
+    # Prompt cache.
+    prompt_cache: bool = True
+    max_cache_entries: int = 64
+    cache_bytes: Optional[int] = None  # None: derived from available memory
+    max_kv_size: Optional[int] = None  # rotating KV window; None = unbounded
+    # Engine.
+    max_batch_size: int = 16
+    prefill_batch_size: int = 8
+    prefill_step_size: int = 512
+    max_queue: int = 256
+    context_size: Optional[int] = None  # None: the model's own
+    # Loading.
+    dequantize: Optional[bool] = None  # None: dequantize on the CPU only
+    gguf_cache_dir: Optional[str] = None
+    trust_remote_code: bool = False
+    # Generation defaults.
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    seed: Optional[int] = None
+
+
+_ALIASES = {"cache_size": "max_cache_entries", "batch_size": "max_batch_size"}
+_BYTE_KEYS = {"cache_bytes"}
+# Settings whose default is None, by the kind of value they take.
+_KINDS = {"max_kv_size": int, "context_size": int, "dequantize": bool,
+          "gguf_cache_dir": str, "seed": int}
+
+
+def _coerce(key, value, default):
+    """Check a parsed value against the kind of the setting's default."""
+    if key in _BYTE_KEYS:
+        return parse_bytes(value)
+    kind = _KINDS.get(key) or type(default)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("expected a number")
+        value = float(value)
+    else:
+        value = str(value)
+    return value
+
+
+def parse_options(pairs, settings: Optional[ModelSettings] = None) -> ModelSettings:
+    """Apply "key:value" strings onto `settings` (a fresh default if None)."""
+    settings = settings or ModelSettings()
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ModelSettings)}
+    for pair in pairs:
+        key, sep, raw = pair.partition(":")
+        key = key.strip().lower().replace("-", "_")
+        key = _ALIASES.get(key, key)
+        if not sep:
+            raise InvalidArgument(f"option {pair!r} is not of the form key:value")
+        if key not in fields:
+            log.warning("ignoring unknown option %r", key)
+            continue
+        try:
+            value = _coerce(key, parse_value(raw), fields[key])
+        except ValueError as err:
+            raise InvalidArgument(f"option {key!r} has a bad value {raw!r}: {err}") from None
+        setattr(settings, key, value)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: ModelSettings):
+    checks = [
+        ("max_cache_entries", s.max_cache_entries >= 0),
+        ("max_batch_size", s.max_batch_size >= 1),
+        ("prefill_batch_size", s.prefill_batch_size >= 1),
+        ("prefill_step_size", s.prefill_step_size >= 1),
+        ("max_queue", s.max_queue >= 1),
+        ("max_tokens", s.max_tokens >= 1),
+        ("temperature", s.temperature >= 0),
+        ("top_p", 0 <= s.top_p <= 1),
+        ("min_p", 0 <= s.min_p <= 1),
+        ("top_k", s.top_k >= 0),
+        ("repeat_last_n", s.repeat_last_n >= 0),
+        ("cache_bytes", s.cache_bytes is None or s.cache_bytes >= 0),
+        ("max_kv_size", s.max_kv_size is None or s.max_kv_size >= 1),
+        ("context_size", s.context_size is None or s.context_size >= 1),
+    ]
+    for key, ok in checks:
+        if not ok:
+            raise InvalidArgument(f"option {key!r} is out of range: {getattr(s, key)!r}")

@@ -1,0 +1,111 @@
+"""Shaping generated tokens into what the client sees: text deltas cut at stop
+strings, and OpenAI-shaped log-probabilities.
+
+Stop strings are matched on text, not tokens, so they are found across token
+boundaries. Text that could still become a stop string is held back until it
+cannot, so no chunk ever carries a part of a stop string.
+"""
+
+from typing import List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, _byte_decoder
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
+class TextStream:
+    """Incremental detokenizer with stop-string cutting for one request."""
+
+    def __init__(self, detokenizer, stop_strings: Sequence[str] = ()):
+        self._detok = detokenizer
+        self._stops = [s for s in stop_strings if s]
+        self._pending = ""
+        self.text = ""  # everything released so far
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Feed one token; return the newly releasable text ("" if none)."""
+        self._detok.add_token(token)
+        return self._release(self._detok.last_segment, final=False)
+
+    def finish(self) -> str:
+        """Flush at the end of generation (text held for a stop that never came)."""
+        if self.stopped:
+            return ""
+        self._detok.finalize()
+        return self._release(self._detok.last_segment, final=True)
+
+    def _release(self, segment: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        self._pending += segment
+        cut = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            out, self._pending, self.stopped = self._pending[:cut], "", True
+        else:
+            keep = 0 if final else _held_back(self._pending, self._stops)
+            split = len(self._pending) - keep
+            out, self._pending = self._pending[:split], self._pending[split:]
+        self.text += out
+        return out
+
+
+class TokenBytes:
+    """Raw bytes of single tokens, for logprobs (a token may be part of a
+    UTF-8 character, so its text alone cannot say)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._byte_level = isinstance(tokenizer._detokenizer, BPEStreamingDetokenizer)
+        self._known = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        raw = self._known.get(token_id)
+        if raw is None:
+            raw = self._known[token_id] = self._lookup(int(token_id))
+        return raw
+
+    def _lookup(self, token_id: int) -> bytes:
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level:
+            decoder = _byte_decoder()
+            if all(c in decoder for c in piece):
+                return bytes(decoder[c] for c in piece)
+            return piece.encode("utf-8")  # an added token, stored verbatim
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def logprob_entry(token_bytes: TokenBytes, token: int, logprobs: mx.array,
+                  top_n: int) -> dict:
+    """One OpenAI `content` entry: the chosen token and its top alternatives."""
+    def describe(tid: int, lp: float) -> dict:
+        raw = token_bytes(tid)
+        return {"id": tid, "token": raw.decode("utf-8", errors="replace"),
+                "bytes": list(raw), "logprob": lp}
+
+    entry = describe(int(token), float(logprobs[token].item()))
+    alternatives: List[dict] = []
+    if top_n > 0:
+        top_n = min(top_n, logprobs.shape[-1])
+        ids = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
+        values = logprobs[ids]
+        order = mx.argsort(-values)
+        for tid, lp in zip(ids[order].tolist(), values[order].tolist()):
+            alternatives.append(describe(tid, lp))
+    entry["top_logprobs"] = alternatives
+    return entry

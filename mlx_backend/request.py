@@ -1,0 +1,159 @@
+"""A generation request as plain data, built and validated from PredictOptions.
+
+Precedence for every sampling control: the request's field when set, else the
+LoadModel option, else the built-in default. In proto3 a zero means "not set",
+so Temperature 0 falls back to the model's `temperature` option, whose own
+default is 0 (greedy).
+"""
+
+import dataclasses
+import logging
+import math
+from typing import List, Optional
+
+from . import chat
+from .errors import InvalidArgument
+from .options import ModelSettings
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 64
+
+# PredictOptions fields MLX cannot honour: logged when a request sets them.
+_UNSUPPORTED = ("Mirostat", "MirostatETA", "MirostatTAU", "TailFreeSamplingZ", "TypicalP",
+                "NegativePrompt", "NegativePromptScale", "NDraft", "RopeFreqBase",
+                "RopeFreqScale", "PenalizeNL", "Images", "Videos", "Audios",
+                "PromptCachePath", "PromptCacheRO")
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    prompt_tokens: List[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop_strings: List[str] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    grammar: str = ""
+    checkpoint_tokens: Optional[List[int]] = None  # a prefix worth caching on its own
+    correlation_id: str = ""
+
+
+def _finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _pick(request_value, default):
+    return request_value if request_value else default
+
+
+def _logit_bias(text: str, vocab_size: int) -> dict:
+    if not text:
+        return {}
+    raw = chat.parse_json(text, "LogitBias", dict)
+    bias = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidArgument(f"LogitBias key {key!r} is not a token id") from None
+        if not 0 <= token < vocab_size:
+            raise InvalidArgument(f"LogitBias token id {token} is outside the vocabulary "
+                                  f"(0..{vocab_size - 1})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise InvalidArgument(f"LogitBias value for token {token} must be a finite number")
+        bias[token] = float(value)
+    return bias
+
+
+def sampling_params(opts, settings: ModelSettings, vocab_size: int) -> SamplingParams:
+    temperature = _finite("Temperature", opts.Temperature)
+    top_p = _finite("TopP", opts.TopP)
+    min_p = _finite("MinP", opts.MinP)
+    if temperature < 0:
+        raise InvalidArgument(f"Temperature must be >= 0, got {temperature}")
+    if not 0 <= top_p <= 1:
+        raise InvalidArgument(f"TopP must be within [0, 1], got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise InvalidArgument(f"MinP must be within [0, 1], got {min_p}")
+    if opts.TopK < 0:
+        raise InvalidArgument(f"TopK must be >= 0, got {opts.TopK}")
+    if opts.Repeat < 0:
+        raise InvalidArgument(f"Repeat must be >= 0, got {opts.Repeat}")
+    penalty = _finite("Penalty", opts.Penalty)
+    if penalty < 0:
+        raise InvalidArgument(f"Penalty must be >= 0 (1 = off), got {penalty}")
+    return SamplingParams(
+        temperature=_pick(temperature, settings.temperature),
+        top_p=_pick(top_p, settings.top_p),
+        top_k=_pick(opts.TopK, settings.top_k),
+        min_p=_pick(min_p, settings.min_p),
+        repetition_penalty=penalty if penalty not in (0, 1) else settings.repetition_penalty,
+        repeat_last_n=_pick(opts.Repeat, settings.repeat_last_n),
+        presence_penalty=_pick(_finite("PresencePenalty", opts.PresencePenalty),
+                               settings.presence_penalty),
+        frequency_penalty=_pick(_finite("FrequencyPenalty", opts.FrequencyPenalty),
+                                settings.frequency_penalty),
+        logit_bias=_logit_bias(opts.LogitBias, vocab_size),
+        xtc_probability=settings.xtc_probability,
+        xtc_threshold=settings.xtc_threshold,
+        seed=opts.Seed if opts.Seed > 0 else settings.seed,
+    )
+
+
+def _log_ignored(opts):
+    ignored = [name for name in _UNSUPPORTED if getattr(opts, name)]
+    if ignored:
+        log.warning("request %s: ignoring fields MLX cannot honour: %s",
+                    opts.CorrelationId or "-", ", ".join(ignored))
+
+
+def build_request(opts, loaded, settings: ModelSettings) -> GenerationRequest:
+    """Validate a PredictOptions and turn it into a GenerationRequest."""
+    tokenizer = loaded.tokenizer
+    if opts.Tokens < 0:
+        raise InvalidArgument(f"Tokens (max new tokens) must be >= 0, got {opts.Tokens}")
+    if opts.Logprobs < 0 or opts.TopLogprobs < 0:
+        raise InvalidArgument("Logprobs and TopLogprobs must be >= 0")
+    if opts.TopLogprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"TopLogprobs must be at most {MAX_TOP_LOGPROBS}, "
+                              f"got {opts.TopLogprobs}")
+    if len(opts.StopPrompts) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, "
+                              f"got {len(opts.StopPrompts)}")
+    sampling = sampling_params(opts, settings, len(tokenizer))
+    tokens = chat.prompt_tokens(tokenizer, opts)
+    if not tokens:
+        raise InvalidArgument("the prompt encodes to zero tokens")
+    context = loaded.context_length
+    if len(tokens) >= context:
+        raise InvalidArgument(f"prompt is {len(tokens)} tokens, the model's context is "
+                              f"{context}: shorten the prompt")
+    room = context - len(tokens)
+    if opts.Tokens > room:
+        raise InvalidArgument(f"prompt ({len(tokens)} tokens) + Tokens ({opts.Tokens}) "
+                              f"exceeds the model's context of {context}")
+    _log_ignored(opts)
+    checkpoint = None
+    if settings.prompt_cache and opts.Messages and (opts.UseTokenizerTemplate or not opts.Prompt):
+        checkpoint = chat.system_prefix_tokens(tokenizer, opts)
+        if checkpoint is not None and tokens[:len(checkpoint)] != checkpoint:
+            checkpoint = None  # the template renders the system turn differently in context
+    return GenerationRequest(
+        prompt_tokens=tokens,
+        max_tokens=opts.Tokens or min(settings.max_tokens, room),
+        sampling=sampling,
+        stop_strings=list(opts.StopPrompts),
+        ignore_eos=opts.IgnoreEOS,
+        logprobs=opts.Logprobs > 0 or opts.TopLogprobs > 0,
+        top_logprobs=opts.TopLogprobs,
+        grammar=opts.Grammar,
+        checkpoint_tokens=checkpoint,
+        correlation_id=opts.CorrelationId,
+    )

@@ -1,0 +1,85 @@
+"""Per-request samplers and logits processors built from mlx-lm's pieces.
+
+Each request owns its random key, so a seeded request draws the same tokens
+whether it runs alone or beside others, and never disturbs anyone else's
+randomness. The filters (top-p, min-p, top-k, XTC) and the penalties are
+mlx-lm's own.
+"""
+
+import dataclasses
+import random
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    apply_xtc,
+    make_logits_processors,
+)
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Dict[int, float] = dataclasses.field(default_factory=dict)
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_sampler(params: SamplingParams, vocab_size: int,
+                 special_tokens: List[int] = ()) -> Callable[[mx.array], mx.array]:
+    """A sampler over one row of log-probabilities with its own random key."""
+    if params.greedy:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+
+    filters = []
+    if 0 < params.top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, params.top_p))
+    if params.min_p > 0:
+        filters.append(lambda x: apply_min_p(x, params.min_p))
+    if params.xtc_probability > 0:
+        filters.append(lambda x: apply_xtc(x, params.xtc_probability,
+                                           params.xtc_threshold, list(special_tokens)))
+    if 0 < params.top_k < vocab_size:
+        filters.append(lambda x: apply_top_k(x, params.top_k))
+
+    seed = params.seed if params.seed is not None else random.getrandbits(63)
+    state = {"key": mx.random.key(seed)}
+    inv_temp = 1.0 / params.temperature
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        state["key"], step_key = mx.random.split(state["key"])
+        return mx.random.categorical(logprobs * inv_temp, key=step_key)
+
+    return sampler
+
+
+def make_processors(params: SamplingParams) -> list:
+    """Logit bias and penalties over the last `repeat_last_n` tokens."""
+    window = params.repeat_last_n or 64
+    penalty = params.repetition_penalty
+    return make_logits_processors(
+        logit_bias=params.logit_bias or None,
+        repetition_penalty=penalty if penalty and penalty != 1.0 else None,
+        repetition_context_size=window,
+        presence_penalty=params.presence_penalty or None,
+        presence_context_size=window,
+        frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=window,
+    )

