@@ -75,6 +75,17 @@ def _usage_reply(usage, message=b"", logprobs=None) -> backend_pb2.Reply:
     )
 
 
+def _continuation(tokenizer, prompt_text, prompt, candidate, index):
+    """Tokens of `candidate` as they follow the prompt (joint tokenization when
+    it extends the prompt's tokens, else the candidate on its own)."""
+    if not candidate:
+        raise InvalidArgument(f"candidates[{index}] is empty")
+    joint = tokenizer.encode(prompt_text + candidate)
+    if joint[:len(prompt)] == prompt and len(joint) > len(prompt):
+        return joint[len(prompt):]
+    return tokenizer.encode(candidate, add_special_tokens=False)
+
+
 class BackendServicer(backend_pb2_grpc.BackendServicer):
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -179,6 +190,49 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         self.engine.free()
         return backend_pb2.Result(success=True,
                                   message="model freed" if was_loaded else "no model was loaded")
+
+    @grpc_errors
+    def Score(self, request, context):
+        loaded = self._loaded(request.ModelIdentity)
+        tokenizer = loaded.tokenizer
+        if not request.candidates:
+            raise InvalidArgument("Score needs at least one candidate")
+        prompt = tokenizer.encode(request.prompt)
+        if not prompt:
+            raise InvalidArgument("Score needs a prompt that encodes to at least one token")
+        candidates = [_continuation(tokenizer, request.prompt, prompt, c, i)
+                      for i, c in enumerate(request.candidates)]
+        longest = len(prompt) + max(len(c) for c in candidates)
+        if longest > loaded.context_length:
+            raise InvalidArgument(f"prompt + candidate is {longest} tokens, the model's "
+                                  f"context is {loaded.context_length}")
+        reply = backend_pb2.ScoreResponse()
+        for score in self.engine.score(prompt, candidates):
+            item = reply.candidates.add(
+                log_prob=score.log_prob, num_tokens=len(score.tokens),
+                length_normalized_log_prob=score.log_prob / len(score.tokens))
+            if request.include_token_logprobs:
+                for token, value in zip(score.tokens, score.token_log_probs):
+                    item.tokens.add(token=tokenizer.decode([token]), log_prob=value)
+        return reply
+
+    @grpc_errors
+    def Embedding(self, request, context):
+        loaded = self._loaded(request.ModelIdentity)
+        text = request.Embeddings or request.Prompt
+        tokens = list(request.EmbeddingTokens) or loaded.tokenizer.encode(text)
+        if not tokens:
+            raise InvalidArgument("Embedding needs Embeddings, Prompt or EmbeddingTokens")
+        vocab = len(loaded.tokenizer)
+        if any(not 0 <= t < vocab for t in tokens):
+            raise InvalidArgument(f"EmbeddingTokens must be ids in 0..{vocab - 1}")
+        if len(tokens) >= loaded.context_length:
+            raise InvalidArgument(f"input is {len(tokens)} tokens, the model's context is "
+                                  f"{loaded.context_length}")
+        vector = self.engine.embed(tokens)
+        return backend_pb2.EmbeddingResult(
+            embeddings=vector, tokens=1, dim=len(vector), prompt_tokens=len(tokens),
+            layout=backend_pb2.EmbeddingResult.EMBEDDING_LAYOUT_FINAL)
 
     @grpc_errors
     def GetMetrics(self, request, context):

@@ -33,6 +33,7 @@ from .options import ModelSettings
 from .output import TextStream, TokenBytes, logprob_entry
 from .request import GenerationRequest
 from .sampling import make_processors, make_sampler
+from .scoring import embed, score_candidates
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,13 @@ class Engine:
     def free(self):
         return self.call(self._unload, "the model was unloaded by Free")
 
+    def score(self, prompt_tokens: List[int], candidates: List[List[int]]):
+        """Log-probabilities of candidates after a prompt (prompt KV via the cache)."""
+        return self.call(self._score, prompt_tokens, candidates)
+
+    def embed(self, tokens: List[int]) -> List[float]:
+        return self.call(lambda: embed(self._require_loaded().model, tokens))
+
     def shutdown(self):
         self.call(self._unload, "the server is shutting down")
         self._stop = True
@@ -229,6 +237,19 @@ class Engine:
         self._token_bytes = TokenBytes(loaded.tokenizer)
         self._reset_generator()
         return loaded
+
+    def _require_loaded(self) -> LoadedModel:
+        if self.loaded is None:
+            raise FailedPrecondition("no model is loaded: call LoadModel first")
+        return self.loaded
+
+    def _score(self, prompt_tokens, candidates):
+        model = self._require_loaded().model
+        cache, rest = self.fetch_cache(prompt_tokens)
+        scores, cache = score_candidates(model, cache, rest, candidates,
+                                         self.settings.prefill_step_size)
+        self.insert_cache(prompt_tokens, cache)
+        return scores
 
     def _reset_generator(self):
         if self._generator is not None:

