@@ -348,7 +348,7 @@ class Engine:
                  request.correlation_id or uid, len(tokens), cached)
         self._slots[uid] = _Slot(
             handle=handle, uid=uid,
-            text=TextStream(tokenizer.detokenizer, request.stop_strings),
+            text=TextStream(tokenizer, tokens[-4:], request.stop_strings),
             usage=Usage(prompt_tokens=len(tokens), cached_tokens=cached),
             started=started, checkpoint_len=checkpoint_len,
         )

@@ -23,11 +23,41 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+class IncrementalDecoder:
+    """Text of a growing token sequence, released only in whole characters.
+
+    Decodes a short window (a few earlier tokens plus the new ones) and emits
+    what the new tokens added, the way text-generation-inference does. Seeding
+    the window with the prompt's last tokens keeps a leading space that a
+    tokenizer would drop at the start of a text.
+    """
+
+    def __init__(self, tokenizer, prompt_tail=()):
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_tail)
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def _decode(self, ids) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=False,
+                                      clean_up_tokenization_spaces=False)
+
+    def add(self, token: int, final: bool = False) -> str:
+        if token is not None:
+            self._ids.append(int(token))
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before):]
+        return ""
+
+
 class TextStream:
     """Incremental detokenizer with stop-string cutting for one request."""
 
-    def __init__(self, detokenizer, stop_strings: Sequence[str] = ()):
-        self._detok = detokenizer
+    def __init__(self, tokenizer, prompt_tail=(), stop_strings: Sequence[str] = ()):
+        self._decoder = IncrementalDecoder(tokenizer, prompt_tail)
         self._stops = [s for s in stop_strings if s]
         self._pending = ""
         self.text = ""  # everything released so far
@@ -35,15 +65,13 @@ class TextStream:
 
     def add(self, token: int) -> str:
         """Feed one token; return the newly releasable text ("" if none)."""
-        self._detok.add_token(token)
-        return self._release(self._detok.last_segment, final=False)
+        return self._release(self._decoder.add(token), final=False)
 
     def finish(self) -> str:
         """Flush at the end of generation (text held for a stop that never came)."""
         if self.stopped:
             return ""
-        self._detok.finalize()
-        return self._release(self._detok.last_segment, final=True)
+        return self._release(self._decoder.add(None, final=True), final=True)
 
     def _release(self, segment: str, final: bool) -> str:
         if self.stopped:
