@@ -20,6 +20,7 @@ import threading
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,8 +38,45 @@ log = logging.getLogger("backend")
 State = backend_pb2.StatusResponse.State
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8
+    in a string field), so the handler can answer INVALID_ARGUMENT."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _tolerant_parser(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as err:
+            return MalformedRequest(str(err))
+    return parse
+
+
+def add_servicer(servicer, server):
+    """Register the Backend service with parsers that never fail the call."""
+    handlers = {}
+    for method in backend_pb2.DESCRIPTOR.services_by_name["Backend"].methods:
+        request_class = getattr(backend_pb2, method.input_type.name)
+        reply_class = getattr(backend_pb2, method.output_type.name)
+        factory = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                   else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant_parser(request_class),
+            response_serializer=reply_class.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("backend.Backend", handlers),))
+
+
 def grpc_errors(method):
     """Answer BackendError with its status and anything else with INTERNAL."""
+
+    def check(request):
+        if isinstance(request, MalformedRequest):
+            raise InvalidArgument(f"malformed request: {request.error}")
 
     def abort(context, err):
         if isinstance(err, BackendError):
@@ -50,6 +88,7 @@ def grpc_errors(method):
         @functools.wraps(method)
         def stream(self, request, context):
             try:
+                check(request)
                 yield from method(self, request, context)
             except Exception as err:  # mapped to a status, never swallowed
                 abort(context, err)
@@ -58,6 +97,7 @@ def grpc_errors(method):
     @functools.wraps(method)
     def unary(self, request, context):
         try:
+            check(request)
             return method(self, request, context)
         except Exception as err:  # mapped to a status, never swallowed
             abort(context, err)
@@ -109,9 +149,11 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
     # ---- RPCs -------------------------------------------------------------------------
 
+    @grpc_errors
     def Health(self, request, context):
         return backend_pb2.Reply(message=b"OK")
 
+    @grpc_errors
     def LoadModel(self, request, context):
         try:
             settings = parse_options(request.Options)
@@ -279,7 +321,7 @@ def build_server(addr: str, engine: Engine, max_message_mb: int = 64, workers: i
         options=[("grpc.max_receive_message_length", size),
                  ("grpc.max_send_message_length", size)],
     )
-    backend_pb2_grpc.add_BackendServicer_to_server(BackendServicer(engine), server)
+    add_servicer(BackendServicer(engine), server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("backend.Backend", health_pb2.HealthCheckResponse.SERVING)
@@ -291,6 +333,15 @@ def build_server(addr: str, engine: Engine, max_message_mb: int = 64, workers: i
     if server.add_insecure_port(addr) == 0:
         raise SystemExit(f"cannot listen on {addr}")
     return server
+
+
+def _exit_with_parent(stopped: threading.Event, interval: float = 1.0):
+    """Stop when the process that started us (LocalAI) goes away."""
+    parent = os.getppid()
+    while not stopped.wait(interval):
+        if os.getppid() != parent:
+            log.info("parent process %d exited: stopping", parent)
+            stopped.set()
 
 
 def main(argv=None):
@@ -317,6 +368,7 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=_exit_with_parent, args=(stopped,), daemon=True).start()
     stopped.wait()
     server.stop(args.grace).wait()
     engine.shutdown()

@@ -101,9 +101,22 @@ class _Slot:
     text: TextStream
     usage: Usage
     started: float
+    errors: List[Exception]  # raised by this request's sampler or processors
     checkpoint_len: int = 0  # >0 while a checkpoint segment is still being prefilled
     first_token_at: Optional[float] = None
     logprobs: List[dict] = dataclasses.field(default_factory=list)
+
+
+def _guarded(fn, errors: List[Exception]):
+    """Record a failure of one request's sampler or logits processor instead of
+    breaking the whole batch step; the engine then fails that request alone."""
+    def call(*args):
+        try:
+            return fn(*args)
+        except Exception as err:  # reported to the request's caller
+            errors.append(err)
+            return args[-1] if len(args) > 1 else mx.argmax(args[0], axis=-1)
+    return call
 
 
 def _kv_length(cache) -> Optional[int]:
@@ -328,10 +341,13 @@ class Engine:
             segments = [tokens[cached:checkpoint_len], tokens[checkpoint_len:]]
         tokenizer = self.loaded.tokenizer
         eos = [] if request.ignore_eos else [(t,) for t in tokenizer.eos_token_ids]
+        errors: List[Exception] = []
         try:
-            sampler = make_sampler(request.sampling, len(tokenizer),
-                                   list(tokenizer.eos_token_ids))
-            processors = make_processors(request.sampling)
+            sampler = _guarded(make_sampler(request.sampling, len(tokenizer),
+                                            list(tokenizer.eos_token_ids)), errors)
+            processors = [_guarded(p, errors) for p in make_processors(request.sampling)]
+            if request.grammar is not None:
+                processors.append(_guarded(request.grammar.processor(), errors))
             (uid,) = self._generator.insert_segments(
                 [segments],
                 max_tokens=[request.max_tokens],
@@ -350,7 +366,7 @@ class Engine:
             handle=handle, uid=uid,
             text=TextStream(tokenizer, tokens[-4:], request.stop_strings),
             usage=Usage(prompt_tokens=len(tokens), cached_tokens=cached),
-            started=started, checkpoint_len=checkpoint_len,
+            started=started, checkpoint_len=checkpoint_len, errors=errors,
         )
 
     def _drop_cancelled(self):
@@ -366,6 +382,7 @@ class Engine:
 
     def _step(self):
         prompt_responses, generation_responses = self._generator.next()
+        self._fail_broken()
         for response in prompt_responses:
             slot = self._slots.get(response.uid)
             if slot and slot.checkpoint_len and response.end_of_segment:
@@ -374,6 +391,18 @@ class Engine:
             slot = self._slots.get(response.uid)
             if slot is not None:
                 self._on_token(slot, response)
+
+    def _fail_broken(self):
+        broken = [uid for uid, slot in self._slots.items() if slot.errors]
+        if broken:
+            self._generator.remove(broken)
+        for uid in broken:
+            slot = self._slots.pop(uid)
+            err = slot.errors[0]
+            log.error("request %s failed: %s", uid, err)
+            if not isinstance(err, BackendError):
+                err = BackendError(f"generation failed: {type(err).__name__}: {err}")
+            slot.handle.events.put(Failed(err))
 
     def _save_checkpoint(self, slot: _Slot):
         """Keep the KV state at the end of the system prompt for new conversations."""

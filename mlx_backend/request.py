@@ -37,7 +37,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
-    grammar: str = ""
+    grammar: Optional[object] = None  # a compiled grammar.GrammarSpec
     checkpoint_tokens: Optional[List[int]] = None  # a prefix worth caching on its own
     correlation_id: str = ""
 
@@ -107,6 +107,14 @@ def sampling_params(opts, settings: ModelSettings, vocab_size: int) -> SamplingP
     )
 
 
+def _grammar(text: str, tokenizer):
+    if not text.strip():
+        return None
+    from .grammar import compile_grammar  # llguidance loads only when a grammar is used
+
+    return compile_grammar(text, tokenizer)
+
+
 def _log_ignored(opts):
     ignored = [name for name in _UNSUPPORTED if getattr(opts, name)]
     if ignored:
@@ -153,7 +161,7 @@ def build_request(opts, loaded, settings: ModelSettings) -> GenerationRequest:
         ignore_eos=opts.IgnoreEOS,
         logprobs=opts.Logprobs > 0 or opts.TopLogprobs > 0,
         top_logprobs=opts.TopLogprobs,
-        grammar=opts.Grammar,
+        grammar=_grammar(opts.Grammar, tokenizer),
         checkpoint_tokens=checkpoint,
         correlation_id=opts.CorrelationId,
     )
