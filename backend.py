@@ -115,6 +115,12 @@ def _usage_reply(usage, message=b"", logprobs=None) -> backend_pb2.Reply:
     )
 
 
+def _chat_delta(content: str, reasoning: str, tool_calls=()) -> backend_pb2.ChatDelta:
+    return backend_pb2.ChatDelta(
+        content=content, reasoning_content=reasoning,
+        tool_calls=[backend_pb2.ToolCallDelta(**call) for call in tool_calls])
+
+
 def _continuation(tokenizer, prompt_text, prompt, candidate, index):
     """Tokens of `candidate` as they follow the prompt (joint tokenization when
     it extends the prompt's tokens, else the candidate on its own)."""
@@ -176,17 +182,27 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     def Predict(self, request, context):
         for event in self._generate(request, context):
             if isinstance(event, Done):
-                return _usage_reply(event.usage, event.text.encode(), event.logprobs)
+                reply = _usage_reply(event.usage, event.text.encode(), event.logprobs)
+                if event.structured:
+                    reply.chat_deltas.append(_chat_delta(
+                        event.text, event.reasoning, event.tool_calls))
+                return reply
 
     @grpc_errors
     def PredictStream(self, request, context):
         for event in self._generate(request, context):
             if isinstance(event, Done):
-                yield _usage_reply(event.usage, b"", event.logprobs)
-            else:
-                yield backend_pb2.Reply(message=event.text.encode(),
-                                        tokens=event.usage.completion_tokens,
-                                        prompt_tokens=event.usage.prompt_tokens)
+                reply = _usage_reply(event.usage, b"", event.logprobs)
+                if event.tool_calls:
+                    reply.chat_deltas.append(_chat_delta("", "", event.tool_calls))
+                yield reply
+                return
+            reply = backend_pb2.Reply(message=event.text.encode(),
+                                      tokens=event.usage.completion_tokens,
+                                      prompt_tokens=event.usage.prompt_tokens)
+            if event.structured:
+                reply.chat_deltas.append(_chat_delta(event.text, event.reasoning))
+            yield reply
 
     @grpc_errors
     def TokenizeString(self, request, context):

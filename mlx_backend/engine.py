@@ -31,6 +31,7 @@ from .errors import BackendError, Cancelled, FailedPrecondition, ResourceExhaust
 from .model_loader import LoadedModel, load_model
 from .options import ModelSettings
 from .output import TextStream, TokenBytes, logprob_entry
+from .response_parser import ResponseParser
 from .request import GenerationRequest
 from .sampling import make_processors, make_sampler
 from .scoring import embed, score_candidates
@@ -49,13 +50,18 @@ class Usage:
 
 @dataclasses.dataclass
 class Delta:
-    text: str
+    text: str  # content, without reasoning or tool-call markup
+    reasoning: str
+    structured: bool  # the model has reasoning / tool-call markers
     usage: Usage
 
 
 @dataclasses.dataclass
 class Done:
-    text: str
+    text: str  # the whole content
+    reasoning: str
+    tool_calls: List[dict]
+    structured: bool  # the model has reasoning / tool-call markers
     finish_reason: str
     usage: Usage
     logprobs: Optional[List[dict]]
@@ -99,12 +105,15 @@ class _Slot:
     handle: RequestHandle
     uid: int
     text: TextStream
+    parser: ResponseParser
     usage: Usage
     started: float
     errors: List[Exception]  # raised by this request's sampler or processors
     checkpoint_len: int = 0  # >0 while a checkpoint segment is still being prefilled
     first_token_at: Optional[float] = None
     logprobs: List[dict] = dataclasses.field(default_factory=list)
+    content: str = ""
+    reasoning: str = ""
 
 
 def _guarded(fn, errors: List[Exception]):
@@ -365,6 +374,7 @@ class Engine:
         self._slots[uid] = _Slot(
             handle=handle, uid=uid,
             text=TextStream(tokenizer, tokens[-4:], request.stop_strings),
+            parser=ResponseParser(tokenizer, tokens, request.tools),
             usage=Usage(prompt_tokens=len(tokens), cached_tokens=cached),
             started=started, checkpoint_len=checkpoint_len, errors=errors,
         )
@@ -435,14 +445,22 @@ class Engine:
             delta += slot.text.finish()
             self._finish(slot, delta, response.finish_reason,
                          response.prompt_cache, response.all_tokens)
-        elif delta:
-            slot.handle.events.put(Delta(delta, dataclasses.replace(slot.usage)))
+        else:
+            self._emit(slot, *slot.parser.feed(delta))
+
+    def _emit(self, slot: _Slot, content: str, reasoning: str):
+        slot.content += content
+        slot.reasoning += reasoning
+        if content or reasoning:
+            slot.handle.events.put(Delta(content, reasoning, slot.parser.enabled,
+                                         dataclasses.replace(slot.usage)))
 
     def _finish(self, slot: _Slot, delta: str, reason: str, cache, tokens):
         del self._slots[slot.uid]
         self.insert_cache(tokens, cache)
-        if delta:
-            slot.handle.events.put(Delta(delta, dataclasses.replace(slot.usage)))
+        content, reasoning = slot.parser.feed(delta)
+        tail_content, tail_reasoning = slot.parser.finish()
+        self._emit(slot, content + tail_content, reasoning + tail_reasoning)
         usage = slot.usage
         self.last_metrics = {
             "tokens_generated": usage.completion_tokens,
@@ -451,5 +469,6 @@ class Engine:
                                   if usage.generation_ms > 0 else 0.0),
         }
         slot.handle.events.put(Done(
-            text=slot.text.text, finish_reason=reason, usage=usage,
+            text=slot.content, reasoning=slot.reasoning, tool_calls=slot.parser.tool_calls(),
+            structured=slot.parser.enabled, finish_reason=reason, usage=usage,
             logprobs=slot.logprobs if slot.handle.request.logprobs else None))

@@ -38,6 +38,7 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: Optional[object] = None  # a compiled grammar.GrammarSpec
+    tools: Optional[list] = None  # OpenAI tool definitions, for tool-call parsing
     checkpoint_tokens: Optional[List[int]] = None  # a prefix worth caching on its own
     correlation_id: str = ""
 
@@ -162,6 +163,7 @@ def build_request(opts, loaded, settings: ModelSettings) -> GenerationRequest:
         logprobs=opts.Logprobs > 0 or opts.TopLogprobs > 0,
         top_logprobs=opts.TopLogprobs,
         grammar=_grammar(opts.Grammar, tokenizer),
+        tools=chat.parse_json(opts.Tools, "Tools", list) if opts.Tools else None,
         checkpoint_tokens=checkpoint,
         correlation_id=opts.CorrelationId,
     )

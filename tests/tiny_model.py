@@ -18,6 +18,23 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MARKERS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+# A template in the style of Qwen's: tools listed in a system turn, assistant
+# tool calls rendered as <tool_call>{"name": ..., "arguments": ...}</tool_call>.
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\nTools: ' + (tools | tojson) + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{% if message.tool_calls %}{% for tool_call in message.tool_calls %}"
+    "{% set tool_call = tool_call.function %}"
+    "{{ '<tool_call>{\"name\": \"' + tool_call.name + '\", \"arguments\": ' "
+    "+ (tool_call.arguments | tojson) + '}</tool_call>' }}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -30,8 +47,8 @@ _CORPUS = [
 ]
 
 
-def _build_tokenizer(folder: Path, vocab_size: int) -> int:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _build_tokenizer(folder: Path, vocab_size: int, markers: bool) -> int:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -42,6 +59,9 @@ def _build_tokenizer(folder: Path, vocab_size: int) -> int:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    if markers:  # ordinary (non-special) added tokens, as reasoning models have
+        tokenizer.add_tokens([AddedToken(m, special=False, normalized=False)
+                              for m in MARKERS])
     tokenizer.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -49,22 +69,25 @@ def _build_tokenizer(folder: Path, vocab_size: int) -> int:
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
         "unk_token": None,
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": TOOLS_TEMPLATE if markers else CHATML_TEMPLATE,
         "model_max_length": 4096,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return tokenizer.get_vocab_size()
 
 
-def build_tiny_model(folder, *, seed=0, hidden_size=64, num_layers=2, context=2048):
-    """Write config.json, model.safetensors and the tokenizer into `folder`."""
+def build_tiny_model(folder, *, seed=0, hidden_size=64, num_layers=2, context=2048,
+                     markers=False):
+    """Write config.json, model.safetensors and the tokenizer into `folder`.
+
+    `markers` adds <think>/<tool_call> tokens and a tool-aware chat template."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_size = _build_tokenizer(folder, vocab_size=400)
+    vocab_size = _build_tokenizer(folder, vocab_size=400, markers=markers)
     config = {
         "model_type": "llama",
         "hidden_size": hidden_size,
