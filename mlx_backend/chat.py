@@ -85,19 +85,52 @@ def render_chat(tokenizer, messages: List[dict], kwargs: dict,
         raise InvalidArgument(f"the chat template rejected the messages: {err}") from None
 
 
-def prompt_tokens(tokenizer, opts) -> List[int]:
-    """Tokens to feed for a PredictOptions-like request."""
-    use_template = bool(opts.Messages) and (opts.UseTokenizerTemplate or not opts.Prompt)
-    if use_template:
-        text = render_chat(tokenizer, messages_to_dicts(opts.Messages),
-                           template_kwargs(opts.Tools, dict(opts.Metadata)))
-        return tokenizer.encode(text, add_special_tokens=False)
+def uses_template(opts) -> bool:
+    return bool(opts.Messages) and (opts.UseTokenizerTemplate or not opts.Prompt)
+
+
+def _chat_tokens(tokenizer, messages: List[dict], kwargs: dict) -> List[int]:
+    return tokenizer.encode(render_chat(tokenizer, messages, kwargs), add_special_tokens=False)
+
+
+def prompt_tokens(tokenizer, opts, budget: Optional[int] = None) -> List[int]:
+    """Tokens to feed for a PredictOptions-like request.
+
+    With a `budget`, the oldest turns after the system prompt (or, for a raw
+    prompt, the oldest tokens) are dropped until the prompt fits in it.
+    """
+    if uses_template(opts):
+        messages = messages_to_dicts(opts.Messages)
+        kwargs = template_kwargs(opts.Tools, dict(opts.Metadata))
+        tokens = _chat_tokens(tokenizer, messages, kwargs)
+        while budget is not None and len(tokens) > budget:
+            messages = _drop_oldest_turn(messages)
+            if messages is None:
+                break
+            tokens = _chat_tokens(tokenizer, messages, kwargs)
+        return tokens
     if opts.Tools:
         parse_json(opts.Tools, "Tools", list)
     if not opts.Prompt:
         raise InvalidArgument("empty request: set Prompt, or Messages with "
                               "UseTokenizerTemplate")
-    return tokenizer.encode(opts.Prompt)
+    tokens = tokenizer.encode(opts.Prompt)
+    if budget is not None and len(tokens) > budget > 0:
+        tokens = tokens[len(tokens) - budget:]
+    return tokens
+
+
+def _drop_oldest_turn(messages: List[dict]) -> Optional[List[dict]]:
+    """Messages without the oldest exchange after the system prompt, so that
+    the conversation still starts with a user turn; None if nothing can go."""
+    head = 1 if messages and messages[0]["role"] in ("system", "developer") else 0
+    rest = messages[head:]
+    if len(rest) <= 1:
+        return None
+    rest = rest[1:]
+    while len(rest) > 1 and rest[0]["role"] != "user":
+        rest = rest[1:]
+    return messages[:head] + rest
 
 
 def system_prefix_tokens(tokenizer, opts) -> Optional[List[int]]:
@@ -105,6 +138,9 @@ def system_prefix_tokens(tokenizer, opts) -> Optional[List[int]]:
     if not (opts.Messages and opts.Messages[0].role.strip().lower() == "system"):
         return None
     kwargs = template_kwargs(opts.Tools, dict(opts.Metadata))
-    text = render_chat(tokenizer, messages_to_dicts(opts.Messages[:1]), kwargs,
-                       add_generation_prompt=False)
+    try:
+        text = render_chat(tokenizer, messages_to_dicts(opts.Messages[:1]), kwargs,
+                           add_generation_prompt=False)
+    except InvalidArgument:  # templates may insist on a user turn; no checkpoint then
+        return None
     return tokenizer.encode(text, add_special_tokens=False)

@@ -60,6 +60,7 @@ class ModelSettings:
     prefill_step_size: int = 512
     max_queue: int = 256
     context_size: Optional[int] = None  # None: the model's own
+    context_overflow: str = "error"  # or "truncate": drop the oldest turns to fit
     # Loading.
     dequantize: Optional[bool] = None  # None: dequantize on the CPU only
     gguf_cache_dir: Optional[str] = None
@@ -144,6 +145,7 @@ def _validate(s: ModelSettings):
         ("cache_bytes", s.cache_bytes is None or s.cache_bytes >= 0),
         ("max_kv_size", s.max_kv_size is None or s.max_kv_size >= 1),
         ("context_size", s.context_size is None or s.context_size >= 1),
+        ("context_overflow", s.context_overflow in ("error", "truncate")),
     ]
     for key, ok in checks:
         if not ok:

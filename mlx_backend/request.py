@@ -137,20 +137,22 @@ def build_request(opts, loaded, settings: ModelSettings) -> GenerationRequest:
         raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, "
                               f"got {len(opts.StopPrompts)}")
     sampling = sampling_params(opts, settings, len(tokenizer))
-    tokens = chat.prompt_tokens(tokenizer, opts)
+    context = loaded.context_length
+    budget = context - max(opts.Tokens, 1) if settings.context_overflow == "truncate" else None
+    tokens = chat.prompt_tokens(tokenizer, opts, budget)
     if not tokens:
         raise InvalidArgument("the prompt encodes to zero tokens")
-    context = loaded.context_length
     if len(tokens) >= context:
         raise InvalidArgument(f"prompt is {len(tokens)} tokens, the model's context is "
-                              f"{context}: shorten the prompt")
+                              f"{context}: shorten the prompt (or load with "
+                              f"context_overflow:truncate)")
     room = context - len(tokens)
     if opts.Tokens > room:
         raise InvalidArgument(f"prompt ({len(tokens)} tokens) + Tokens ({opts.Tokens}) "
                               f"exceeds the model's context of {context}")
     _log_ignored(opts)
     checkpoint = None
-    if settings.prompt_cache and opts.Messages and (opts.UseTokenizerTemplate or not opts.Prompt):
+    if settings.prompt_cache and chat.uses_template(opts):
         checkpoint = chat.system_prefix_tokens(tokenizer, opts)
         if checkpoint is not None and tokens[:len(checkpoint)] != checkpoint:
             checkpoint = None  # the template renders the system turn differently in context

@@ -239,3 +239,18 @@ def test_model_identity_mismatch(loaded, tiny_model):
     assert code == grpc.StatusCode.NOT_FOUND and "model identity mismatch" in details
     ok = predict(loaded.stub, "hi", Tokens=2, ModelIdentity=str(tiny_model))
     assert ok.tokens >= 1
+
+
+def test_context_overflow_truncates_oldest_turns(server, tiny_model):
+    server.load(tiny_model, options=["context_size:96", "context_overflow:truncate"])
+    turns = [("system", "Be brief.")]
+    for i in range(12):
+        turns += [("user", f"Question number {i} about the quick brown fox?"),
+                  ("assistant", f"Answer {i}: the lazy dog.")]
+    turns.append(("user", "Last question?"))
+    reply = predict(server.stub, messages=turns, Tokens=16, IgnoreEOS=True)
+    assert reply.tokens == 16
+    assert reply.prompt_tokens <= 96 - 16
+    raw = predict(server.stub, "The quick brown fox jumps over the lazy dog. " * 20,
+                  Tokens=8, IgnoreEOS=True)
+    assert raw.prompt_tokens == 96 - 8 and raw.tokens == 8
