@@ -26,3 +26,8 @@ bench: install
 
 clean:
 	rm -rf .venv backend_pb2.py backend_pb2_grpc.py
+
+# N minutes of mixed traffic (not part of `make test`): SOAK_MINUTES=10 make soak
+SOAK_MINUTES ?= 10
+soak: install
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES)

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
 
 from mlx_cache import ThreadSafeLRUPromptCache
 
@@ -131,6 +131,21 @@ def _guarded(fn, errors: List[Exception]):
 def _kv_length(cache) -> Optional[int]:
     offsets = {getattr(layer, "offset", None) for layer in cache}
     return offsets.pop() if len(offsets) == 1 else None
+
+
+def _compact(cache):
+    """Make a cache hold only its own positions before it is stored.
+
+    KV state extracted from a batch is a lazy view of the whole batch buffer
+    until evaluated, and a standalone KVCache grows in 256-position steps;
+    either way the stored entry would pin far more memory than it reports.
+    """
+    for layer in cache:
+        keys = getattr(layer, "keys", None)
+        if isinstance(layer, KVCache) and keys is not None and keys.shape[2] > layer.offset:
+            layer.keys = mx.contiguous(keys[..., :layer.offset, :])
+            layer.values = mx.contiguous(layer.values[..., :layer.offset, :])
+    mx.eval([layer.state for layer in cache])
 
 
 def _cache_nbytes(cache) -> int:
@@ -326,6 +341,7 @@ class Engine:
             log.error("not caching: KV holds %s positions for %d tokens",
                       _kv_length(cache), len(tokens))
             return
+        _compact(cache)
         self.prompt_cache.insert_cache(self._model_key, list(tokens), cache)
 
     # ---- generation ----------------------------------------------------------------------

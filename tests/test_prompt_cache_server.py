@@ -121,3 +121,15 @@ def test_cache_bytes_bound_holds(server, tiny_model):
         breakdown = server.stub.Status(H).memory.breakdown
         assert breakdown["prompt_cache"] <= budget
     assert breakdown["prompt_cache_entries"] > 0
+
+
+def test_cached_bytes_are_all_the_memory_entries_hold(server, tiny_model):
+    """Entries hold only their own positions, not views of batch buffers."""
+    server.load(tiny_model, options=["max_cache_entries:100"])
+    for prompt in random_prompts(4, 12):
+        predict(server.stub, prompt, Tokens=6, IgnoreEOS=True)
+    server.stub.Score(backend_pb2.ScoreRequest(prompt="Hello world", candidates=[" fox"]))
+    breakdown = server.stub.Status(H).memory.breakdown
+    unaccounted = breakdown["mlx_active"] - breakdown["weights"] - breakdown["prompt_cache"]
+    assert breakdown["prompt_cache_entries"] >= 5
+    assert unaccounted < 64 * 1024, breakdown
