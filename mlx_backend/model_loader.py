@@ -81,8 +81,14 @@ def _model_folder(source: str, settings: ModelSettings) -> str:
             raise LoadError(f"{source}: not a GGUF file (wrong magic) and not a model folder")
         from .gguf_import import GGUFImportError, import_gguf
 
+        def progress(done: int, total: int):
+            if total >= 50 and done % max(total // 10, 1) == 0:
+                log.info("importing %s: %d/%d tensors", os.path.basename(source), done, total)
+
         try:
-            return str(import_gguf(source, settings.gguf_cache_dir))
+            return str(import_gguf(source, settings.gguf_cache_dir, progress=progress,
+                                   requant_bits=settings.gguf_requant_bits,
+                                   requant_group_size=settings.gguf_requant_group_size))
         except GGUFImportError as err:
             raise LoadError(str(err)) from None
     if os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")):

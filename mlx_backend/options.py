@@ -64,6 +64,8 @@ class ModelSettings:
     # Loading.
     dequantize: Optional[bool] = None  # None: dequantize on the CPU only
     gguf_cache_dir: Optional[str] = None
+    gguf_requant_bits: Optional[int] = None  # re-quantize K-quants (None: keep floats)
+    gguf_requant_group_size: int = 64
     trust_remote_code: bool = False
     # Generation defaults.
     max_tokens: int = 512
@@ -84,7 +86,7 @@ _ALIASES = {"cache_size": "max_cache_entries", "batch_size": "max_batch_size"}
 _BYTE_KEYS = {"cache_bytes"}
 # Settings whose default is None, by the kind of value they take.
 _KINDS = {"max_kv_size": int, "context_size": int, "dequantize": bool,
-          "gguf_cache_dir": str, "seed": int}
+          "gguf_cache_dir": str, "gguf_requant_bits": int, "seed": int}
 
 
 def _coerce(key, value, default):
@@ -146,6 +148,8 @@ def _validate(s: ModelSettings):
         ("max_kv_size", s.max_kv_size is None or s.max_kv_size >= 1),
         ("context_size", s.context_size is None or s.context_size >= 1),
         ("context_overflow", s.context_overflow in ("error", "truncate")),
+        ("gguf_requant_bits", s.gguf_requant_bits in (None, 2, 3, 4, 5, 6, 8)),
+        ("gguf_requant_group_size", s.gguf_requant_group_size in (32, 64, 128)),
     ]
     for key, ok in checks:
         if not ok:
