@@ -322,3 +322,12 @@ def test_exits_when_parent_dies(tmp_path):
             break
         assert time.time() < deadline, "backend outlived its parent"
         time.sleep(0.2)
+
+
+def test_message_size_limit(server_factory):
+    server = server_factory(args=("--max-message-mb", "1"))
+    code, details = status_code(lambda: server.stub.Predict(
+        backend_pb2.PredictOptions(Prompt="x" * (2 * 2**20)), timeout=30))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    assert server.stub.Health(H, timeout=5).message == b"OK"
+    server.stop()

@@ -175,3 +175,24 @@ def test_model_option_defaults_and_request_override(server, tiny_model, referenc
     request_seed, _ = server_tokens(server.stub, Tokens=12, Seed=6)
     assert request_seed == reference_generate(reference, PROMPT, 12, temperature=1.0, seed=6)
     server.load(tiny_model)
+
+
+def test_xtc_option_matches_reference(server, tiny_model, reference):
+    from mlx_lm.sample_utils import apply_xtc
+
+    special = list(reference[1].eos_token_ids)
+    server.load(tiny_model, options=["xtc_probability:1.0", "xtc_threshold:0.02"])
+    got, _ = server_tokens(server.stub, Tokens=16, Temperature=1.0, Seed=3)
+    expected = reference_generate(reference, PROMPT, 16, temperature=1.0, seed=3,
+                                  filters=[lambda x: apply_xtc(x, 1.0, 0.02, special)])
+    assert got == expected
+    assert got != reference_generate(reference, PROMPT, 16, temperature=1.0, seed=3)
+    server.load(tiny_model)
+
+
+def test_unsupported_fields_are_logged(loaded):
+    predict(loaded.stub, PROMPT, Tokens=2, Mirostat=2, TypicalP=0.5,
+            CorrelationId="req-mirostat")
+    log = loaded.log_text()
+    line = next(l for l in log.splitlines() if "req-mirostat" in l and "ignoring" in l)
+    assert "Mirostat" in line and "TypicalP" in line
