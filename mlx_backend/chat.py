@@ -134,13 +134,15 @@ def _drop_oldest_turn(messages: List[dict]) -> Optional[List[dict]]:
 
 
 def system_prefix_tokens(tokenizer, opts) -> Optional[List[int]]:
-    """Tokens of the leading system message alone, for a cache checkpoint."""
-    if not (opts.Messages and opts.Messages[0].role.strip().lower() == "system"):
+    """Tokens of the leading system message and tool list alone, for a cache
+    checkpoint that new conversations with the same preamble start from."""
+    messages = messages_to_dicts(opts.Messages)
+    head = messages[:1] if messages and messages[0]["role"] in ("system", "developer") else []
+    if not head and not opts.Tools:
         return None
     kwargs = template_kwargs(opts.Tools, dict(opts.Metadata))
     try:
-        text = render_chat(tokenizer, messages_to_dicts(opts.Messages[:1]), kwargs,
-                           add_generation_prompt=False)
+        text = render_chat(tokenizer, head, kwargs, add_generation_prompt=False)
     except InvalidArgument:  # templates may insist on a user turn; no checkpoint then
         return None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=False) or None

@@ -65,6 +65,7 @@ def test_system_prompt_checkpoint_serves_new_conversations(server, tiny_model):
     server.load(tiny_model)
     system = ("system", "You are a helpful assistant. " * 8)
     predict(server.stub, messages=[system, ("user", "Hello world!")], Tokens=4)
+    assert cache_entries(server.stub) == 2  # the system prompt and the conversation
     other = predict(server.stub, messages=[system, ("user", "def main(): print")], Tokens=4,
                     IgnoreEOS=True)
     fresh = processed(server.stub)
@@ -133,3 +134,24 @@ def test_cached_bytes_are_all_the_memory_entries_hold(server, tiny_model):
     unaccounted = breakdown["mlx_active"] - breakdown["weights"] - breakdown["prompt_cache"]
     assert breakdown["prompt_cache_entries"] >= 5
     assert unaccounted < 64 * 1024, breakdown
+
+
+def test_tool_list_checkpoint(server, tmp_path):
+    """With tools and no system message, the tool preamble is checkpointed."""
+    from tiny_model import build_tiny_model
+    import json
+
+    folder = build_tiny_model(tmp_path / "tools-model", markers=True)
+    server.load(folder)
+    tools = json.dumps([{"type": "function", "function": {
+        "name": f"tool_{i}", "description": "does a thing " * 4}} for i in range(4)])
+
+    def ask(question):
+        return server.stub.Predict(backend_pb2.PredictOptions(
+            Messages=[backend_pb2.Message(role="user", content=question)],
+            UseTokenizerTemplate=True, Tools=tools, Tokens=4, IgnoreEOS=True))
+
+    ask("Hello world!")
+    assert cache_entries(server.stub) == 2  # the tool preamble and the conversation
+    second = ask("def main(): print")
+    assert processed(server.stub) < second.prompt_tokens / 3
