@@ -134,15 +134,28 @@ def _drop_oldest_turn(messages: List[dict]) -> Optional[List[dict]]:
 
 
 def system_prefix_tokens(tokenizer, opts) -> Optional[List[int]]:
-    """Tokens of the leading system message and tool list alone, for a cache
-    checkpoint that new conversations with the same preamble start from."""
+    """Tokens of the preamble (system message, tool list) that every
+    conversation with the same preamble starts with, for a cache checkpoint.
+
+    Templates render the preamble differently alone than in context (and
+    some refuse an empty conversation), so it is found as the common prefix
+    of two renderings that differ only in the user's words.
+    """
     messages = messages_to_dicts(opts.Messages)
     head = messages[:1] if messages and messages[0]["role"] in ("system", "developer") else []
     if not head and not opts.Tools:
         return None
     kwargs = template_kwargs(opts.Tools, dict(opts.Metadata))
     try:
-        text = render_chat(tokenizer, head, kwargs, add_generation_prompt=False)
-    except InvalidArgument:  # templates may insist on a user turn; no checkpoint then
+        first, second = (_chat_tokens(tokenizer, head + [{"role": "user", "content": probe}],
+                                      kwargs) for probe in ("a", "b"))
+    except InvalidArgument:
         return None
-    return tokenizer.encode(text, add_special_tokens=False) or None
+    if first == second:  # the probes did not survive tokenization
+        return None
+    common = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        common += 1
+    return first[:common] or None
