@@ -12,15 +12,13 @@ import backend_pb2
 from tiny_model import build_tiny_model
 
 M = backend_pb2.Message
-FORCED = ('<think>plan it</think>Calling now.'
-          '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+# Lark (llguidance) grammar: the markers are tokens of their own, referenced as <...>.
+FORCED = (f'start: <think> "plan it" </think> "Calling now." <tool_call> {json.dumps(CALL)} '
+          '</tool_call>')
 TOOLS = json.dumps([{"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object",
                                           "properties": {"city": {"type": "string"}}}}}])
-
-
-def literal_grammar(text):
-    return "root ::= " + json.dumps(text)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +39,7 @@ def chat_request(**fields):
 
 
 def test_reasoning_content_and_tool_calls_are_parsed(loaded):
-    reply = loaded.stub.Predict(chat_request(Grammar=literal_grammar(FORCED)))
+    reply = loaded.stub.Predict(chat_request(Grammar=FORCED))
     assert reply.message == b"Calling now."
     (delta,) = reply.chat_deltas
     assert delta.content == "Calling now."
@@ -52,7 +50,7 @@ def test_reasoning_content_and_tool_calls_are_parsed(loaded):
 
 
 def test_stream_separates_reasoning_from_content(loaded):
-    chunks = list(loaded.stub.PredictStream(chat_request(Grammar=literal_grammar(FORCED))))
+    chunks = list(loaded.stub.PredictStream(chat_request(Grammar=FORCED)))
     reasoning = "".join(d.reasoning_content for c in chunks for d in c.chat_deltas)
     content = "".join(d.content for c in chunks for d in c.chat_deltas)
     assert reasoning == "plan it" and content == "Calling now."

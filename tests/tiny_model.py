@@ -3,8 +3,8 @@
 Tests use it for mechanics (batching, caching, sampling, errors): it loads in
 well under a second and decodes hundreds of tokens per second on a CPU. The
 tokenizer is a real byte-level BPE trained on the fly with the `tokenizers`
-library, with ChatML special tokens and a chat template. Its alphabet is the
-ASCII of a small corpus, so every token decodes to whole characters and text
+library, with ChatML special tokens and a chat template. Its alphabet is
+printable ASCII, so every token decodes to whole characters and ASCII text
 round-trips exactly (a random model would otherwise emit broken UTF-8).
 """
 
@@ -47,15 +47,22 @@ _CORPUS = [
 ]
 
 
+ASCII_BYTES = set(range(32, 127)) | {9, 10}
+
+
 def _build_tokenizer(folder: Path, vocab_size: int, markers: bool) -> int:
+    from mlx_lm.tokenizer_utils import _byte_decoder
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    ascii_alphabet = [c for c in pre_tokenizers.ByteLevel.alphabet()
+                      if _byte_decoder()[c] in ASCII_BYTES]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=ascii_alphabet,
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS * 20, trainer=trainer)
