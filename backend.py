@@ -149,7 +149,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
     def _generate(self, request, context):
         loaded = self._loaded(request.ModelIdentity)
-        handle = self.engine.submit(build_request(request, loaded, self.engine.settings))
+        handle = self.engine.submit(build_request(request, loaded), loaded)
         context.add_callback(handle.cancel)  # disconnect, cancel or deadline
         return handle
 
@@ -265,7 +265,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             raise InvalidArgument(f"prompt + candidate is {longest} tokens, the model's "
                                   f"context is {loaded.context_length}")
         reply = backend_pb2.ScoreResponse()
-        for score in self.engine.score(prompt, candidates):
+        for score in self.engine.score(loaded, prompt, candidates):
             item = reply.candidates.add(
                 log_prob=score.log_prob, num_tokens=len(score.tokens),
                 length_normalized_log_prob=score.log_prob / len(score.tokens))
@@ -287,7 +287,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         if len(tokens) >= loaded.context_length:
             raise InvalidArgument(f"input is {len(tokens)} tokens, the model's context is "
                                   f"{loaded.context_length}")
-        vector = self.engine.embed(tokens)
+        vector = self.engine.embed(loaded, tokens)
         return backend_pb2.EmbeddingResult(
             embeddings=vector, tokens=1, dim=len(vector), prompt_tokens=len(tokens),
             layout=backend_pb2.EmbeddingResult.EMBEDDING_LAYOUT_FINAL)

@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -75,8 +76,9 @@ class Failed:
 class RequestHandle:
     """What a gRPC handler holds: the event queue and a cancel switch."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, loaded: LoadedModel):
         self.request = request
+        self.loaded = loaded  # the model the request was tokenized for
         self.events: "queue.Queue" = queue.Queue()
         self._cancelled = threading.Event()
 
@@ -155,7 +157,6 @@ def _cache_nbytes(cache) -> int:
 def default_cache_bytes() -> int:
     """A quarter of the memory available now (bounded KV cache by default)."""
     try:
-        import os
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         available = 8 * 2**30
@@ -186,9 +187,7 @@ class Engine:
         self._inbox.put(("call", fn, args, future))
         return future.result()
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        if self.loaded is None:
-            raise FailedPrecondition("no model is loaded: call LoadModel first")
+    def submit(self, request: GenerationRequest, loaded: LoadedModel) -> RequestHandle:
         with self._count_lock:
             waiting = self._queued + len(self._slots)
             if waiting >= self.settings.max_queue:
@@ -196,7 +195,7 @@ class Engine:
                     f"server is full: {waiting} requests queued or running "
                     f"(max_queue={self.settings.max_queue}); retry later")
             self._queued += 1
-        handle = RequestHandle(request)
+        handle = RequestHandle(request, loaded)
         self._inbox.put(("generate", handle))
         return handle
 
@@ -210,12 +209,13 @@ class Engine:
     def free(self):
         return self.call(self._unload, "the model was unloaded by Free")
 
-    def score(self, prompt_tokens: List[int], candidates: List[List[int]]):
+    def score(self, loaded: LoadedModel, prompt_tokens: List[int],
+              candidates: List[List[int]]):
         """Log-probabilities of candidates after a prompt (prompt KV via the cache)."""
-        return self.call(self._score, prompt_tokens, candidates)
+        return self.call(self._score, loaded, prompt_tokens, candidates)
 
-    def embed(self, tokens: List[int]) -> List[float]:
-        return self.call(lambda: embed(self._require_loaded().model, tokens))
+    def embed(self, loaded: LoadedModel, tokens: List[int]) -> List[float]:
+        return self.call(lambda: embed(self._require_loaded(loaded).model, tokens))
 
     def shutdown(self):
         self.call(self._unload, "the server is shutting down")
@@ -275,13 +275,17 @@ class Engine:
         self._reset_generator()
         return loaded
 
-    def _require_loaded(self) -> LoadedModel:
+    def _require_loaded(self, expected: LoadedModel) -> LoadedModel:
+        """The current model, if it is the one the request was tokenized for."""
         if self.loaded is None:
             raise FailedPrecondition("no model is loaded: call LoadModel first")
+        if self.loaded is not expected:
+            raise FailedPrecondition("the model was replaced while the request waited; "
+                                     "retry the request")
         return self.loaded
 
-    def _score(self, prompt_tokens, candidates):
-        model = self._require_loaded().model
+    def _score(self, loaded, prompt_tokens, candidates):
+        model = self._require_loaded(loaded).model
         cache, rest = self.fetch_cache(prompt_tokens)
         scores, cache = score_candidates(model, cache, rest, candidates,
                                          self.settings.prefill_step_size)
@@ -350,8 +354,10 @@ class Engine:
         if handle.cancelled:
             handle.events.put(Failed(Cancelled("cancelled before it started")))
             return
-        if self.loaded is None:
-            handle.events.put(Failed(FailedPrecondition("no model is loaded: call LoadModel")))
+        try:
+            self._require_loaded(handle.loaded)
+        except FailedPrecondition as err:
+            handle.events.put(Failed(err))
             return
         request = handle.request
         tokens = request.prompt_tokens

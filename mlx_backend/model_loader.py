@@ -44,6 +44,7 @@ class LoadedModel:
     weights_bytes: int
     weight_format: str
     load_seconds: float
+    settings: ModelSettings  # the LoadModel options it was loaded with
 
 
 def resolve_source(model: str, model_file: str = "", model_path: str = "") -> str:
@@ -174,6 +175,7 @@ def load_model(name: str, model_file: str, model_path: str, settings: ModelSetti
         weights_bytes=weights_bytes,
         weight_format=weight_format,
         load_seconds=time.perf_counter() - started,
+        settings=settings,
     )
     device = "cpu" if on_cpu() else "gpu"
     blas = blas_library() if on_cpu() else None

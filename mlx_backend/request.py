@@ -123,9 +123,11 @@ def _log_ignored(opts):
                     opts.CorrelationId or "-", ", ".join(ignored))
 
 
-def build_request(opts, loaded, settings: ModelSettings) -> GenerationRequest:
-    """Validate a PredictOptions and turn it into a GenerationRequest."""
+def build_request(opts, loaded) -> GenerationRequest:
+    """Validate a PredictOptions and turn it into a GenerationRequest for
+    the model it was tokenized with (its LoadModel options included)."""
     tokenizer = loaded.tokenizer
+    settings = loaded.settings
     if opts.Tokens < 0:
         raise InvalidArgument(f"Tokens (max new tokens) must be >= 0, got {opts.Tokens}")
     if opts.Logprobs < 0 or opts.TopLogprobs < 0:
