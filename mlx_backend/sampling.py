@@ -22,18 +22,20 @@ from mlx_lm.sample_utils import (
 
 @dataclasses.dataclass
 class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: Dict[int, float] = dataclasses.field(default_factory=dict)
-    xtc_probability: float = 0.0
-    xtc_threshold: float = 0.1
-    seed: Optional[int] = None
+    """One request's resolved controls (defaults live in options.ModelSettings)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    repeat_last_n: int
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: Dict[int, float]
+    xtc_probability: float
+    xtc_threshold: float
+    seed: Optional[int]
 
     @property
     def greedy(self) -> bool:
