@@ -80,9 +80,9 @@ def stream_answer(stub, metadata, request):
             sys.stdout.write(reply.message.decode("utf-8", errors="replace"))
             sys.stdout.flush()
         count = reply.tokens or count
-        if first and count:
-            rate = count / max(time.perf_counter() - first, 1e-9)
-            sys.stderr.write(f"\r\033[K[{count} tokens, {rate:.1f} tok/s]")
+        elapsed = time.perf_counter() - first if first else 0
+        if count > 1 and elapsed > 0:  # decode rate: tokens after the first
+            sys.stderr.write(f"\r\033[K[{count} tokens, {(count - 1) / elapsed:.1f} tok/s]")
             sys.stderr.flush()
         final = reply
     print()
