@@ -389,6 +389,10 @@ def main(argv=None):
     server.stop(args.grace).wait()
     engine.shutdown()
     log.info("stopped")
+    logging.shutdown()
+    # Everything is flushed and joined; skip C++ static destructors, which can
+    # abort on MLX's worker threads at interpreter exit.
+    os._exit(0)
 
 
 if __name__ == "__main__":

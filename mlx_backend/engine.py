@@ -34,7 +34,7 @@ from .options import ModelSettings
 from .output import TextStream, TokenBytes, logprob_entry
 from .response_parser import ResponseParser
 from .request import GenerationRequest
-from .sampling import make_processors, make_sampler
+from .sampling import greedy_sampler, make_processors, make_sampler
 from .scoring import embed, score_candidates
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,22 @@ class RequestHandle:
         return self._cancelled.is_set()
 
     def __iter__(self):
-        """Yield Delta events, then one Done; raise the error of a Failed."""
+        """Yield Delta events, then one Done; raise the error of a Failed.
+
+        Deltas that piled up while the caller was busy come out merged, so a
+        slow reader costs one message per read rather than one per token.
+        """
+        held = None  # an event read while merging, handled next
         while True:
-            event = self.events.get()
+            event, held = (held or self.events.get()), None
+            while isinstance(event, Delta) and not self.events.empty():
+                following = self.events.get()
+                if not isinstance(following, Delta):
+                    held = following
+                    break
+                event = Delta(event.text + following.text,
+                              event.reasoning + following.reasoning,
+                              following.structured, following.usage)
             if isinstance(event, Failed):
                 raise event.error
             yield event
@@ -226,6 +239,8 @@ class Engine:
     # ---- engine thread --------------------------------------------------------------
 
     def _run(self):
+        # One MLX stream for the engine's life, made on the thread that uses it.
+        self._stream = mx.new_stream(mx.default_device())
         while not self._stop:
             self._drain_inbox(block=not self._slots)
             self._drop_cancelled()
@@ -302,7 +317,7 @@ class Engine:
             prefill_batch_size=min(s.prefill_batch_size, s.max_batch_size),
             prefill_step_size=s.prefill_step_size,
             max_kv_size=s.max_kv_size,
-            stream=mx.new_stream(mx.default_device()),
+            stream=self._stream,
         )
 
     def _unload(self, reason: str):
@@ -374,8 +389,10 @@ class Engine:
         eos = [] if request.ignore_eos else [(t,) for t in tokenizer.eos_token_ids]
         errors: List[Exception] = []
         try:
-            sampler = _guarded(make_sampler(request.sampling, len(tokenizer),
-                                            list(tokenizer.eos_token_ids)), errors)
+            sampler = make_sampler(request.sampling, len(tokenizer),
+                                   list(tokenizer.eos_token_ids))
+            if sampler is not greedy_sampler:  # keep greedy rows batched together
+                sampler = _guarded(sampler, errors)
             processors = [_guarded(p, errors) for p in make_processors(request.sampling)]
             if request.grammar is not None:
                 processors.append(_guarded(request.grammar.processor(), errors))

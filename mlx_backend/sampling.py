@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 from mlx_lm.sample_utils import (
     apply_min_p,
+    greedy_sampler,
     apply_top_k,
     apply_top_p,
     apply_xtc,
@@ -44,9 +45,13 @@ class SamplingParams:
 
 def make_sampler(params: SamplingParams, vocab_size: int,
                  special_tokens: List[int] = ()) -> Callable[[mx.array], mx.array]:
-    """A sampler over one row of log-probabilities with its own random key."""
+    """A sampler over one row of log-probabilities with its own random key.
+
+    Greedy requests share one function, so a batch of them is decoded with a
+    single batched argmax instead of one call per row.
+    """
     if params.greedy:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        return greedy_sampler
 
     filters = []
     if 0 < params.top_p < 1.0:
