@@ -119,8 +119,9 @@ def _apply_cpu_fast_path(model: nn.Module, settings: ModelSettings) -> str:
     """Dequantize and widen to float32 on the CPU; describe the weight format."""
     from mlx_lm.utils import dequantize_model
 
-    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-                    for _, m in model.named_modules())
+    quantized_layers = [m for _, m in model.named_modules()
+                        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    quantized = bool(quantized_layers)
     keep = settings.dequantize is False or (settings.dequantize is None and not on_cpu())
     if quantized and keep:
         if on_cpu():
@@ -128,6 +129,11 @@ def _apply_cpu_fast_path(model: nn.Module, settings: ModelSettings) -> str:
                         "MLX's CPU quantized kernels are several times slower")
         return "quantized"
     if quantized:
+        if on_cpu():  # float32 scales make the dequantized weights float32 in one pass
+            for layer in quantized_layers:
+                layer.scales = layer.scales.astype(mx.float32)
+                if getattr(layer, "biases", None) is not None:
+                    layer.biases = layer.biases.astype(mx.float32)
         dequantize_model(model)
     if on_cpu():
         dtypes = {v.dtype for _, v in tree_flatten(model.parameters())}
