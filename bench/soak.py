@@ -49,7 +49,8 @@ def snapshot(server) -> dict:
     return {"rss_mb": round(rss_bytes(server.proc.pid) / 2**20, 1),
             "prompt_cache_mb": round(breakdown["prompt_cache"] / 2**20, 2),
             "prompt_cache_entries": breakdown["prompt_cache_entries"],
-            "mlx_active_mb": round(breakdown["mlx_active"] / 2**20, 1)}
+            "mlx_active_mb": round(breakdown["mlx_active"] / 2**20, 1),
+            "mlx_buffer_cache_mb": round(breakdown["mlx_buffer_cache"] / 2**20, 1)}
 
 
 def one_request(stub, rng):

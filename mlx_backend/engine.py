@@ -251,6 +251,9 @@ class Engine:
                     log.exception("generation step failed")
                     self._fail_all(BackendError(f"generation failed: {err}"))
                     self._reset_generator()
+                if not self._slots:
+                    # Idle: hand MLX's freed buffers back instead of holding them.
+                    mx.clear_cache()
 
     def _drain_inbox(self, block: bool):
         while True:
