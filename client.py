@@ -8,8 +8,10 @@ Examples:
   client.py chat "What is MLX?"       stream a chat answer, with a live tokens/s line
   client.py complete "Once upon"      stream a raw completion (no chat template)
   client.py tokenize "Hello"          token ids of a text
+  client.py detokenize 19556          text of token ids
+  client.py embed "Hello world"       an embedding vector
   client.py score "The capital of France is" " Paris" " London"
-  client.py status | health
+  client.py metrics | status | health | free
 """
 
 import argparse
@@ -165,6 +167,29 @@ def cmd_score(args):
               f"{score.num_tokens} tokens)  {text!r}")
 
 
+def cmd_detokenize(args):
+    stub, md = connect(args.addr, args.metadata)
+    reply = stub.Detokenize(backend_pb2.DetokenizeRequest(tokens=args.tokens), metadata=md)
+    print(reply.content)
+
+
+def cmd_embed(args):
+    stub, md = connect(args.addr, args.metadata)
+    reply = stub.Embedding(backend_pb2.PredictOptions(Embeddings=args.text), metadata=md)
+    head = ", ".join(f"{v:.4f}" for v in reply.embeddings[:8])
+    print(f"dim {reply.dim}, {reply.prompt_tokens} tokens: [{head}, ...]")
+
+
+def cmd_metrics(args):
+    stub, md = connect(args.addr, args.metadata)
+    print(stub.GetMetrics(backend_pb2.MetricsRequest(), metadata=md))
+
+
+def cmd_free(args):
+    stub, md = connect(args.addr, args.metadata)
+    print(stub.Free(H, metadata=md).message)
+
+
 def cmd_status(args):
     stub, md = connect(args.addr, args.metadata)
     print(stub.Status(H, metadata=md))
@@ -215,6 +240,15 @@ def main(argv=None):
     p.add_argument("prompt")
     p.add_argument("candidates", nargs="+")
     p.set_defaults(func=cmd_score)
+    p = sub.add_parser("detokenize", help="text of token ids")
+    p.add_argument("tokens", nargs="+", type=int)
+    p.set_defaults(func=cmd_detokenize)
+    p = sub.add_parser("embed", help="embedding of a text (mean of final hidden states)")
+    p.add_argument("text")
+    p.set_defaults(func=cmd_embed)
+    sub.add_parser("metrics", help="speed and token counts of the last request").set_defaults(
+        func=cmd_metrics)
+    sub.add_parser("free", help="unload the model and its caches").set_defaults(func=cmd_free)
     sub.add_parser("status", help="state and memory breakdown").set_defaults(func=cmd_status)
     sub.add_parser("health", help="is the server up?").set_defaults(func=cmd_health)
     args = parser.parse_args(argv)

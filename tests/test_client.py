@@ -20,6 +20,26 @@ def test_demo_streams_an_answer():
 def test_help_explains_each_command():
     out = subprocess.run([sys.executable, str(ROOT / "client.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
-    for command in ("demo", "load", "chat", "complete", "tokenize", "score", "status",
-                    "health"):
+    for command in ("demo", "load", "chat", "complete", "tokenize", "detokenize", "score",
+                    "embed", "metrics", "status", "health", "free"):
         assert command in out.stdout
+
+
+def test_every_subcommand_against_a_live_server(server, tiny_model):
+    def client(*args):
+        out = subprocess.run([sys.executable, str(ROOT / "client.py"), "--addr", server.addr,
+                              *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    assert client("health").strip() == "OK"
+    client("load", str(tiny_model))
+    assert client("chat", "Hello", "--max-tokens", "4")
+    assert client("complete", "Hello", "--max-tokens", "4")
+    ids = client("tokenize", "Hello world").strip().strip("[]").split(", ")
+    assert client("detokenize", *ids).strip() == "Hello world"
+    assert "(per token" in client("score", "Hello", " world", " fox")
+    assert client("embed", "Hello").startswith("dim 64")
+    assert "tokens_generated" in client("metrics")
+    assert "READY" in client("status")
+    assert "freed" in client("free")
