@@ -155,3 +155,16 @@ def test_tool_list_checkpoint(server, tmp_path):
     assert cache_entries(server.stub) == 2  # the tool preamble and the conversation
     second = ask("def main(): print")
     assert processed(server.stub) < second.prompt_tokens / 3
+
+
+def test_rotating_kv_window(server, tiny_model):
+    """max_kv_size bounds each sequence's KV; cached runs still equal uncached."""
+    prompt = "The quick brown fox jumps over the lazy dog"
+    server.load(tiny_model, options=["max_kv_size:64", "prompt_cache:false"])
+    cold = predict(server.stub, prompt, Tokens=150, IgnoreEOS=True).message
+    server.load(tiny_model, options=["max_kv_size:64"])
+    first = predict(server.stub, prompt, Tokens=150, IgnoreEOS=True)
+    again = predict(server.stub, prompt, Tokens=150, IgnoreEOS=True)
+    assert first.tokens == again.tokens == 150
+    assert first.message == again.message == cold
+    assert "not caching" not in server.log_text()
