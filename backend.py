@@ -30,7 +30,6 @@ from mlx_backend import chat  # noqa: E402
 from mlx_backend.engine import Done, Engine  # noqa: E402
 from mlx_backend.errors import (BackendError, FailedPrecondition, InvalidArgument,  # noqa: E402
                                 NotFound)
-from mlx_backend.options import parse_options  # noqa: E402
 from mlx_backend.request import build_request  # noqa: E402
 
 log = logging.getLogger("backend")
@@ -162,11 +161,10 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     @grpc_errors
     def LoadModel(self, request, context):
         try:
-            settings = parse_options(request.Options)
             if request.Threads > 0:
                 log.info("Threads=%d: MLX sizes its own CPU thread pool", request.Threads)
             loaded = self.engine.load(request.Model, request.ModelFile, request.ModelPath,
-                                      settings, request.ContextSize or request.MaxModelLen)
+                                      request.Options, request.ContextSize or request.MaxModelLen)
         except BackendError as err:
             log.error("LoadModel failed: %s", err)
             return backend_pb2.Result(success=False, message=err.message)
@@ -227,7 +225,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
         loaded = self.engine.loaded
         if loaded is None:
-            state = State.UNINITIALIZED
+            state = State.ERROR if self.engine.load_error else State.UNINITIALIZED
         else:
             state = State.BUSY if self.engine.busy else State.READY
         cache = self.engine.prompt_cache

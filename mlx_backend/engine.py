@@ -30,7 +30,7 @@ from mlx_cache import ThreadSafeLRUPromptCache
 
 from .errors import BackendError, Cancelled, FailedPrecondition, ResourceExhausted
 from .model_loader import LoadedModel, load_model
-from .options import ModelSettings
+from .options import ModelSettings, parse_options
 from .output import TextStream, TokenBytes, logprob_entry
 from .response_parser import ResponseParser
 from .request import GenerationRequest
@@ -184,6 +184,7 @@ class Engine:
         self._count_lock = threading.Lock()
         self._model_keys = itertools.count()
         self.loaded: Optional[LoadedModel] = None
+        self.load_error: Optional[str] = None  # why the last LoadModel failed
         self.settings = ModelSettings()
         self.prompt_cache: Optional[ThreadSafeLRUPromptCache] = None
         self.last_metrics: dict = {}
@@ -216,10 +217,12 @@ class Engine:
     def busy(self) -> bool:
         return bool(self._slots) or self._queued > 0
 
-    def load(self, name, model_file, model_path, settings: ModelSettings, context_size=0):
-        return self.call(self._load, name, model_file, model_path, settings, context_size)
+    def load(self, name, model_file, model_path, options=(), context_size=0) -> LoadedModel:
+        """Load a model with LoadModel's "key:value" options; raises on failure."""
+        return self.call(self._load, name, model_file, model_path, list(options), context_size)
 
     def free(self):
+        self.load_error = None
         return self.call(self._unload, "the model was unloaded by Free")
 
     def score(self, loaded: LoadedModel, prompt_tokens: List[int],
@@ -274,9 +277,15 @@ class Engine:
                 self._admit(item[1])
             block = False
 
-    def _load(self, name, model_file, model_path, settings, context_size):
-        self._unload("the model was replaced by LoadModel")
-        loaded = load_model(name, model_file, model_path, settings, context_size)
+    def _load(self, name, model_file, model_path, options, context_size):
+        try:
+            settings = parse_options(options)  # a bad option keeps the current model
+            self._unload("the model was replaced by LoadModel")
+            loaded = load_model(name, model_file, model_path, settings, context_size)
+        except BaseException as err:
+            self.load_error = str(err)
+            raise
+        self.load_error = None
         max_bytes = settings.cache_bytes if settings.cache_bytes is not None \
             else default_cache_bytes()
         self.prompt_cache = ThreadSafeLRUPromptCache(

@@ -5,7 +5,6 @@ import pytest
 
 from mlx_backend.engine import Done, Engine
 from mlx_backend.errors import BackendError
-from mlx_backend.options import ModelSettings
 from mlx_backend.request import GenerationRequest
 from mlx_backend.sampling import SamplingParams
 
@@ -35,7 +34,7 @@ class ExplodingGrammar:
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     engine = Engine()
-    engine.load(str(tiny_model), "", "", ModelSettings(prompt_cache=False))
+    engine.load(str(tiny_model), "", "", ["prompt_cache:false"])
     yield engine
     engine.shutdown()
 

@@ -52,6 +52,7 @@ def test_load_failures_are_reported(server, tmp_path):
         Model=str(empty_dir), Options=["max_batch_size:lots"]))
     assert not result.success and "max_batch_size" in result.message
     assert server.stub.Health(H).message == b"OK"
+    assert server.stub.Status(H).state == backend_pb2.StatusResponse.ERROR
 
 
 def test_load_resolves_relative_to_model_path(server, tiny_model):
@@ -254,3 +255,12 @@ def test_context_overflow_truncates_oldest_turns(server, tiny_model):
     raw = predict(server.stub, "The quick brown fox jumps over the lazy dog. " * 20,
                   Tokens=8, IgnoreEOS=True)
     assert raw.prompt_tokens == 96 - 8 and raw.tokens == 8
+
+
+def test_bad_option_keeps_the_loaded_model(server, tiny_model):
+    server.load(tiny_model)
+    result = server.stub.LoadModel(backend_pb2.ModelOptions(
+        Model=str(tiny_model), Options=["top_p:2"]))
+    assert not result.success and "top_p" in result.message
+    assert server.stub.Status(H).state == backend_pb2.StatusResponse.READY
+    assert predict(server.stub, "Hello", Tokens=2, IgnoreEOS=True).tokens == 2
