@@ -434,8 +434,8 @@ class Engine:
         cancelled = [uid for uid, slot in self._slots.items() if slot.handle.cancelled]
         if not cancelled:
             return
-        for uid, (cache, tokens) in self._generator.remove(
-                cancelled, return_prompt_caches=True).items():
+        removed = self._generator.remove(cancelled, return_prompt_caches=True)
+        for cache, tokens in removed.values():
             self.insert_cache(tokens, cache)
         for uid in cancelled:
             slot = self._slots.pop(uid)

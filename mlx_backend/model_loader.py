@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import time
-from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx

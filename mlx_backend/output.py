@@ -6,7 +6,7 @@ boundaries. Text that could still become a stop string is held back until it
 cannot, so no chunk ever carries a part of a stop string.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, _byte_decoder

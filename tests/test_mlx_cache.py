@@ -8,7 +8,6 @@ import random
 import sys
 import threading
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from mlx_cache import ThreadSafeLRUPromptCache
