@@ -109,9 +109,9 @@ def _coerce(key, value, default):
     return value
 
 
-def parse_options(pairs, settings: Optional[ModelSettings] = None) -> ModelSettings:
-    """Apply "key:value" strings onto `settings` (a fresh default if None)."""
-    settings = settings or ModelSettings()
+def parse_options(pairs) -> ModelSettings:
+    """Settings from "key:value" strings over the built-in defaults."""
+    settings = ModelSettings()
     fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ModelSettings)}
     for pair in pairs:
         key, sep, raw = pair.partition(":")
