@@ -9,30 +9,98 @@ from .errors import FailedPrecondition, InvalidArgument
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 
 
-def parse_json(text: str, field: str, kind=None):
-    """Parse a JSON field of the request, naming the field when it is bad."""
+# Limits for every JSON field of a request. Python's json module recurses
+# once per level (a few thousand "[" raise RecursionError), and templates and
+# grammar compilers recurse again on what it returns, so nesting is capped far
+# below any of those; no real tool list, schema or call needs 64 levels. The
+# size cap is well above any prompt a model can take.
+MAX_JSON_DEPTH = 64
+MAX_JSON_CHARS = 16 * 2**20
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed (JSON has no NaN or Infinity)")
+
+
+def _nesting_exceeds(value, limit: int) -> bool:
+    """Whether arrays/objects nest more than `limit` levels (iteratively)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return False
+
+
+def load_json(text: str, field: str):
+    """json.loads for a request field, within MAX_JSON_DEPTH and MAX_JSON_CHARS.
+
+    Raises `InvalidArgument` naming `field` when a limit is exceeded, and
+    `ValueError` when the text is not (strict) JSON: callers decide whether
+    that is an error (`parse_json`) or means "not JSON" (a GBNF grammar, a
+    tool call's arguments kept as a string).
+    """
+    if len(text) > MAX_JSON_CHARS:
+        raise InvalidArgument(f"{field} is too large: {len(text)} characters, "
+                              f"at most {MAX_JSON_CHARS}")
     try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise InvalidArgument(f"{field} is not valid JSON: {err}") from None
-    if kind is not None and not isinstance(value, kind):
-        raise InvalidArgument(f"{field} must be a JSON {kind.__name__}")
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidArgument(
+            f"{field} is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    # Fewer brackets than the limit cannot nest deeper than it: skip the walk.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH \
+            and _nesting_exceeds(value, MAX_JSON_DEPTH):
+        raise InvalidArgument(
+            f"{field} is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
     return value
 
 
+def parse_json(text: str, field: str, kind=None):
+    """Parse a JSON field of the request, naming the field when it is bad."""
+    try:
+        value = load_json(text, field)
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise InvalidArgument(f"{field} is not valid JSON: {err}") from None
+    if kind is not None and not isinstance(value, kind):
+        raise InvalidArgument(f"{field} must be a JSON {_KIND_NAMES.get(kind, kind.__name__)}")
+    return value
+
+
+_KIND_NAMES = {dict: "object", list: "array"}
+
+
+def parse_tools(text: str) -> list:
+    """`Tools`: a JSON array of objects (OpenAI tool definitions)."""
+    tools = parse_json(text, "Tools", list)
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise InvalidArgument(f"Tools[{i}] must be a JSON object")
+        if "function" in tool and not isinstance(tool["function"], dict):
+            raise InvalidArgument(f"Tools[{i}].function must be a JSON object")
+    return tools
+
+
 def _tool_calls(text: str, index: int) -> list:
-    calls = parse_json(text, f"Messages[{index}].tool_calls", list)
-    for call in calls:
+    field = f"Messages[{index}].tool_calls"
+    calls = parse_json(text, field, list)
+    for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict):
-            raise InvalidArgument(
-                f"Messages[{index}].tool_calls: each call needs a 'function' object")
+            raise InvalidArgument(f"{field}[{j}]: each call needs a 'function' object")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"{field}[{j}].function.name must be a non-empty string")
         arguments = function.get("arguments")
         if isinstance(arguments, str):  # OpenAI sends a JSON string; templates want a dict
             try:
-                function["arguments"] = json.loads(arguments)
+                function["arguments"] = load_json(arguments,
+                                                  f"{field}[{j}].function.arguments")
             except ValueError:
-                pass
+                pass  # not JSON: the template gets the string as sent
     return calls
 
 
@@ -57,14 +125,30 @@ def messages_to_dicts(messages) -> List[dict]:
     return out
 
 
+# apply_chat_template's own parameters (transformers), which
+# chat_template_kwargs must not reach: they would change what rendering
+# returns (tokenize, return_dict), replace the template, or clash with the
+# arguments given here. `documents` stays allowed: it is template data.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding",
+    "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs"})
+
+
 def template_kwargs(tools: str, metadata) -> dict:
     """Tools and LocalAI's Metadata switches, passed on to the chat template."""
     kwargs = {}
     if tools:
-        kwargs["tools"] = parse_json(tools, "Tools", list)
+        kwargs["tools"] = parse_tools(tools)
     if metadata.get("chat_template_kwargs"):
-        kwargs.update(parse_json(metadata["chat_template_kwargs"],
-                                 "Metadata.chat_template_kwargs", dict))
+        extra = parse_json(metadata["chat_template_kwargs"],
+                           "Metadata.chat_template_kwargs", dict)
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(extra))
+        if reserved:
+            raise InvalidArgument(f"Metadata.chat_template_kwargs may not set "
+                                  f"{', '.join(reserved)}")
+        kwargs.update(extra)
     if "enable_thinking" in metadata:
         kwargs["enable_thinking"] = metadata["enable_thinking"].strip().lower() == "true"
     if metadata.get("reasoning_effort"):
@@ -79,10 +163,15 @@ def render_chat(tokenizer, messages: List[dict], kwargs: dict,
             "the loaded model has no chat template: send a raw Prompt instead of "
             "Messages, or load a model whose tokenizer_config.json has a chat_template")
     try:
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as err:  # jinja2 raises TemplateError and anything the template raises
-        raise InvalidArgument(f"the chat template rejected the messages: {err}") from None
+        raise InvalidArgument(f"the chat template rejected the messages: "
+                              f"{err or type(err).__name__}") from None
+    if not isinstance(text, str):
+        raise InvalidArgument(f"the chat template rendered a {type(text).__name__}, "
+                              f"not text")
+    return text
 
 
 def uses_template(opts) -> bool:
@@ -110,7 +199,7 @@ def prompt_tokens(tokenizer, opts, budget: Optional[int] = None) -> List[int]:
             tokens = _chat_tokens(tokenizer, messages, kwargs)
         return tokens
     if opts.Tools:
-        parse_json(opts.Tools, "Tools", list)
+        parse_tools(opts.Tools)
     if not opts.Prompt:
         raise InvalidArgument("empty request: set Prompt, or Messages with "
                               "UseTokenizerTemplate")

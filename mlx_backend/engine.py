@@ -12,6 +12,7 @@ inserted back under exactly the tokens it holds.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -28,7 +29,8 @@ from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cach
 
 from mlx_cache import ThreadSafeLRUPromptCache
 
-from .errors import BackendError, Cancelled, FailedPrecondition, ResourceExhausted
+from . import faults
+from .errors import BackendError, Cancelled, FailedPrecondition, ResourceExhausted, Unavailable
 from .model_loader import LoadedModel, load_model
 from .options import ModelSettings, parse_options
 from .output import TextStream, TokenBytes, logprob_entry
@@ -73,13 +75,21 @@ class Failed:
     error: BackendError
 
 
+# How often a waiting gRPC handler checks that the engine is still alive.
+POLL_SECONDS = 0.5
+
+
 class RequestHandle:
     """What a gRPC handler holds: the event queue and a cancel switch."""
 
-    def __init__(self, request: GenerationRequest, loaded: LoadedModel):
+    def __init__(self, request: GenerationRequest, loaded: LoadedModel,
+                 engine_failure: Callable[[], Optional[str]] = lambda: None):
         self.request = request
         self.loaded = loaded  # the model the request was tokenized for
         self.events: "queue.Queue" = queue.Queue()
+        self.uid: Optional[int] = None  # set once the request is in the batch
+        self.fault = faults.stage_of(request.correlation_id)
+        self._engine_failure = engine_failure
         self._cancelled = threading.Event()
 
     def cancel(self):
@@ -89,6 +99,17 @@ class RequestHandle:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def _next_event(self):
+        """The next event; never waits on an engine that has failed."""
+        while True:
+            try:
+                return self.events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                failure = self._engine_failure()
+                if failure:
+                    raise Unavailable(f"the engine failed ({failure}); "
+                                      "restart the backend") from None
+
     def __iter__(self):
         """Yield Delta events, then one Done; raise the error of a Failed.
 
@@ -97,7 +118,7 @@ class RequestHandle:
         """
         held = None  # an event read while merging, handled next
         while True:
-            event, held = (held or self.events.get()), None
+            event, held = (held or self._next_event()), None
             while isinstance(event, Delta) and not self.events.empty():
                 following = self.events.get()
                 if not isinstance(following, Delta):
@@ -177,6 +198,17 @@ def default_cache_bytes() -> int:
 
 
 class Engine:
+    """Continuous batching on one thread, with a watchdog beside it.
+
+    Every per-request stage on the engine thread (admission, cache fetch and
+    insert, prefill, decode, detokenizing, stop strings, parsing, logprobs,
+    finishing, cancellation) runs under `_isolated`, so a fault there fails
+    that request alone. The watchdog notices what no guard can catch (the
+    thread died, a step never returned) and marks the engine failed: every
+    waiting handler then answers UNAVAILABLE and Health stops saying OK, so
+    LocalAI restarts the backend.
+    """
+
     def __init__(self):
         self._inbox: "queue.Queue" = queue.Queue()
         self._slots: Dict[int, _Slot] = {}
@@ -188,20 +220,34 @@ class Engine:
         self.settings = ModelSettings()
         self.prompt_cache: Optional[ThreadSafeLRUPromptCache] = None
         self.last_metrics: dict = {}
+        self.failure: Optional[str] = None  # why the engine can no longer serve; sticky
+        self.on_failure: List[Callable[[str], None]] = []
+        self._activity = None  # (what, since, bounded) while the engine thread works
         self._generator: Optional[BatchGenerator] = None
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch, name="mlx-watchdog", daemon=True).start()
 
     # ---- called from gRPC threads -------------------------------------------------
 
-    def call(self, fn: Callable, *args):
-        """Run fn(*args) on the engine thread between steps; return its result."""
+    def call(self, fn: Callable, *args, bounded: bool = True):
+        """Run fn(*args) on the engine thread between steps; return its result.
+
+        `bounded` calls count against the step timeout (loading does not:
+        a download or import may take as long as it takes).
+        """
+        self._check_alive()
         future = concurrent.futures.Future()
-        self._inbox.put(("call", fn, args, future))
+        self._inbox.put(("call", fn, args, future, bounded))
+        while not future.done():
+            concurrent.futures.wait([future], timeout=POLL_SECONDS)
+            if not future.done():
+                self._check_alive()
         return future.result()
 
     def submit(self, request: GenerationRequest, loaded: LoadedModel) -> RequestHandle:
+        self._check_alive()
         with self._count_lock:
             waiting = self._queued + len(self._slots)
             if waiting >= self.settings.max_queue:
@@ -209,7 +255,7 @@ class Engine:
                     f"server is full: {waiting} requests queued or running "
                     f"(max_queue={self.settings.max_queue}); retry later")
             self._queued += 1
-        handle = RequestHandle(request, loaded)
+        handle = RequestHandle(request, loaded, lambda: self.failure)
         self._inbox.put(("generate", handle))
         return handle
 
@@ -219,67 +265,168 @@ class Engine:
 
     def load(self, name, model_file, model_path, options=(), context_size=0) -> LoadedModel:
         """Load a model with LoadModel's "key:value" options; raises on failure."""
-        return self.call(self._load, name, model_file, model_path, list(options), context_size)
+        return self.call(self._load, name, model_file, model_path, list(options), context_size,
+                         bounded=False)
 
     def free(self):
         self.load_error = None
         return self.call(self._unload, "the model was unloaded by Free")
 
     def score(self, loaded: LoadedModel, prompt_tokens: List[int],
-              candidates: List[List[int]]):
+              candidates: List[List[int]], cancelled: Callable[[], bool] = lambda: False):
         """Log-probabilities of candidates after a prompt (prompt KV via the cache)."""
-        return self.call(self._score, loaded, prompt_tokens, candidates)
+        return self.call(self._score, loaded, prompt_tokens, candidates, cancelled)
 
-    def embed(self, loaded: LoadedModel, tokens: List[int]) -> List[float]:
-        return self.call(lambda: embed(self._require_loaded(loaded).model, tokens))
+    def embed(self, loaded: LoadedModel, tokens: List[int],
+              cancelled: Callable[[], bool] = lambda: False) -> List[float]:
+        return self.call(lambda: embed(self._require_loaded(loaded).model, tokens,
+                                       self.settings.prefill_step_size, cancelled))
 
-    def shutdown(self):
-        self.call(self._unload, "the server is shutting down")
+    def shutdown(self, timeout: float = 10.0):
+        """Unload and stop the thread, waiting at most `timeout` for an engine
+        that is busy (mid-import) or wedged: exiting must never hang."""
+        if self.failure is None:
+            future = concurrent.futures.Future()
+            self._inbox.put(("call", self._unload, ("the server is shutting down",),
+                             future, True))
+            concurrent.futures.wait([future], timeout=timeout)
         self._stop = True
         self._inbox.put(("wake",))
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=1.0)
+
+    def _check_alive(self):
+        if self.failure is not None:
+            raise Unavailable(f"the engine failed ({self.failure}); restart the backend")
+
+    # ---- watchdog -------------------------------------------------------------------------
+
+    def _watch(self):
+        while not self._stop and self.failure is None:
+            time.sleep(POLL_SECONDS / 2)
+            problem = self._diagnose()
+            if problem and not self._stop:
+                self._declare_failed(problem)
+
+    def _diagnose(self) -> Optional[str]:
+        if not self._thread.is_alive():
+            return "the engine thread died"
+        activity, timeout = self._activity, self.settings.step_timeout
+        if activity and activity[2] and timeout:
+            what, since, _ = activity
+            if time.monotonic() - since > timeout:
+                return f"{what} has not returned within step_timeout={timeout:g}s"
+        return None
+
+    def _declare_failed(self, reason: str):
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.critical("engine failed: %s; in-flight requests answer UNAVAILABLE and Health "
+                     "reports it", reason)
+        for callback in self.on_failure:
+            try:
+                callback(reason)
+            except Exception:  # a listener must not stop the others from hearing it
+                log.exception("failure listener raised")
+
+    @contextlib.contextmanager
+    def _working_on(self, what: str, bounded: bool = True):
+        self._activity = (what, time.monotonic(), bounded)
+        try:
+            yield
+        finally:
+            self._activity = None
 
     # ---- engine thread --------------------------------------------------------------
 
     def _run(self):
         # One MLX stream for the engine's life, made on the thread that uses it.
         self._stream = mx.new_stream(mx.default_device())
-        while not self._stop:
-            self._drain_inbox(block=not self._slots)
-            self._drop_cancelled()
-            if self._slots:
+        try:
+            while not self._stop:
                 try:
-                    self._step()
-                except Exception as err:  # a bug in a step must not kill the engine thread
-                    log.exception("generation step failed")
-                    self._fail_all(BackendError(f"generation failed: {err}"))
+                    self._iterate()
+                except Exception as err:  # our own bug outside any request: the batch goes
+                    log.exception("engine loop failed")
+                    self._fail_all(BackendError(f"generation failed: {type(err).__name__}: "
+                                                f"{err}"))
                     self._reset_generator()
-                if not self._slots:
-                    # Idle: hand MLX's freed buffers back instead of holding them.
-                    mx.clear_cache()
+        finally:
+            if not self._stop:
+                self._declare_failed("the engine thread died")
+
+    def _iterate(self):
+        self._drain_inbox(block=not self._slots)
+        self._drop_cancelled()
+        if not self._slots:
+            return
+        with self._working_on("a generation step"):
+            try:
+                self._step()
+            except Exception as err:  # a step fault no single request owns
+                log.exception("generation step failed")
+                self._fail_all(BackendError(f"generation failed: {type(err).__name__}: {err}"))
+                self._reset_generator()
+        if not self._slots:
+            # Idle: hand MLX's freed buffers back instead of holding them.
+            mx.clear_cache()
 
     def _drain_inbox(self, block: bool):
         while True:
             try:
-                item = self._inbox.get(block=block, timeout=0.5 if block else None)
+                item = self._inbox.get(block=block, timeout=POLL_SECONDS if block else None)
             except queue.Empty:
                 return
             kind = item[0]
             if kind == "call":
-                _, fn, args, future = item
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as err:  # handed to the caller's thread, not swallowed
-                    future.set_exception(err)
+                _, fn, args, future, bounded = item
+                with self._working_on(getattr(fn, "__name__", "a call"), bounded):
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as err:  # handed to the caller's thread
+                        future.set_exception(err)
             elif kind == "generate":
                 with self._count_lock:
                     self._queued -= 1
-                self._admit(item[1])
+                handle = item[1]
+                faults.check(handle.fault, "engine_thread")
+                with self._isolated(handle, "admitting the request"):
+                    self._admit(handle)
             block = False
+
+    @contextlib.contextmanager
+    def _isolated(self, handle: RequestHandle, stage: str):
+        """Run one request's stage; a fault fails that request alone."""
+        try:
+            yield
+        except Exception as err:
+            self._fail_request(handle, err, stage)
+
+    def _fail_request(self, handle: RequestHandle, err: Exception, stage: str):
+        if handle.uid is not None:
+            self._slots.pop(handle.uid, None)
+            try:
+                self._generator.remove([handle.uid])
+            except Exception:  # the batch itself is suspect now: start it afresh
+                log.exception("could not remove request %s from the batch", handle.uid)
+                self._fail_all(BackendError("generation failed: the batch was reset after "
+                                            "a fault in another request; retry"))
+                self._reset_generator()
+        if isinstance(err, BackendError):
+            log.info("request %s failed while %s: %s",
+                     handle.request.correlation_id or handle.uid, stage, err)
+        else:
+            log.error("request %s failed while %s", handle.request.correlation_id or handle.uid,
+                      stage, exc_info=err)
+            err = BackendError(f"internal error while {stage}: {type(err).__name__}: {err}")
+        handle.events.put(Failed(err))
 
     def _load(self, name, model_file, model_path, options, context_size):
         try:
             settings = parse_options(options)  # a bad option keeps the current model
+            fault = faults.load_stage(options)
+            faults.check(fault, "load")
+            faults.check(fault, "hang")
             self._unload("the model was replaced by LoadModel")
             loaded = load_model(name, model_file, model_path, settings, context_size)
         except BaseException as err:
@@ -311,17 +458,24 @@ class Engine:
                                      "retry the request")
         return self.loaded
 
-    def _score(self, loaded, prompt_tokens, candidates):
+    def _score(self, loaded, prompt_tokens, candidates, cancelled):
         model = self._require_loaded(loaded).model
         cache, rest = self.fetch_cache(prompt_tokens)
         scores, cache = score_candidates(model, cache, rest, candidates,
-                                         self.settings.prefill_step_size)
+                                         self.settings.prefill_step_size, cancelled,
+                                         self.settings.max_kv_size)
         self.insert_cache(prompt_tokens, cache)
         return scores
 
     def _reset_generator(self):
         if self._generator is not None:
-            self._generator.close()
+            try:
+                self._generator.close()
+            except Exception:  # a broken generator is being replaced anyway
+                log.exception("closing the batch generator failed")
+        self._generator = None
+        if self.loaded is None:
+            return
         s = self.settings
         self._generator = BatchGenerator(
             self.loaded.model,
@@ -375,20 +529,22 @@ class Engine:
         _compact(cache)
         self.prompt_cache.insert_cache(self._model_key, list(tokens), cache)
 
+    def _insert_for(self, handle: RequestHandle, tokens, cache):
+        faults.check(handle.fault, "cache_insert")
+        self.insert_cache(tokens, cache)
+
     # ---- generation ----------------------------------------------------------------------
 
     def _admit(self, handle: RequestHandle):
-        if handle.cancelled:
+        if handle.cancelled:  # the caller left before we started: no work at all
             handle.events.put(Failed(Cancelled("cancelled before it started")))
             return
-        try:
-            self._require_loaded(handle.loaded)
-        except FailedPrecondition as err:
-            handle.events.put(Failed(err))
-            return
+        self._require_loaded(handle.loaded)
+        faults.check(handle.fault, "admit")
         request = handle.request
         tokens = request.prompt_tokens
         started = time.perf_counter()
+        faults.check(handle.fault, "cache_fetch")
         cache, rest = self.fetch_cache(tokens)
         cached = len(tokens) - len(rest)
         segments = [rest]
@@ -400,70 +556,63 @@ class Engine:
         tokenizer = self.loaded.tokenizer
         eos = [] if request.ignore_eos else [(t,) for t in tokenizer.eos_token_ids]
         errors: List[Exception] = []
-        try:
-            sampler = make_sampler(request.sampling, len(tokenizer),
-                                   list(tokenizer.eos_token_ids))
-            if sampler is not greedy_sampler:  # keep greedy rows batched together
-                sampler = _guarded(sampler, errors)
-            processors = [_guarded(p, errors) for p in make_processors(request.sampling)]
-            if request.grammar is not None:
-                processors.append(_guarded(request.grammar.processor(), errors))
-            (uid,) = self._generator.insert_segments(
-                [segments],
-                max_tokens=[request.max_tokens],
-                caches=[cache],
-                all_tokens=[tokens[:cached]],
-                samplers=[sampler],
-                logits_processors=[processors],
-                stop_sequences=[StopSequences(eos)],
-            )
-        except BackendError as err:
-            handle.events.put(Failed(err))
-            return
+        sampler = make_sampler(request.sampling, len(tokenizer), list(tokenizer.eos_token_ids))
+        if sampler is not greedy_sampler:  # keep greedy rows batched together
+            sampler = _guarded(sampler, errors)
+        processors = [_guarded(p, errors) for p in make_processors(request.sampling)]
+        if request.grammar is not None:
+            processors.append(_guarded(request.grammar.processor(), errors))
+        if handle.fault == "decode":
+            processors.append(_guarded(_fault_processor(handle.fault), errors))
+        text = TextStream(tokenizer, tokens[-4:], request.stop_strings)
+        parser = ResponseParser(tokenizer, tokens, request.tools)
+        (handle.uid,) = self._generator.insert_segments(
+            [segments],
+            max_tokens=[request.max_tokens],
+            caches=[cache],
+            all_tokens=[tokens[:cached]],
+            samplers=[sampler],
+            logits_processors=[processors],
+            stop_sequences=[StopSequences(eos)],
+        )
         log.info("request %s: %d prompt tokens, %d from the prompt cache",
-                 request.correlation_id or uid, len(tokens), cached)
-        self._slots[uid] = _Slot(
-            handle=handle, uid=uid,
-            text=TextStream(tokenizer, tokens[-4:], request.stop_strings),
-            parser=ResponseParser(tokenizer, tokens, request.tools),
+                 request.correlation_id or handle.uid, len(tokens), cached)
+        self._slots[handle.uid] = _Slot(
+            handle=handle, uid=handle.uid, text=text, parser=parser,
             usage=Usage(prompt_tokens=len(tokens), cached_tokens=cached),
             started=started, checkpoint_len=checkpoint_len, errors=errors,
         )
 
     def _drop_cancelled(self):
-        cancelled = [uid for uid, slot in self._slots.items() if slot.handle.cancelled]
-        if not cancelled:
-            return
-        removed = self._generator.remove(cancelled, return_prompt_caches=True)
-        for cache, tokens in removed.values():
-            self.insert_cache(tokens, cache)
-        for uid in cancelled:
-            slot = self._slots.pop(uid)
-            slot.handle.events.put(Failed(Cancelled("the request was cancelled")))
+        for slot in [s for s in self._slots.values() if s.handle.cancelled]:
+            with self._isolated(slot.handle, "cancelling the request"):
+                faults.check(slot.handle.fault, "cancel")
+                removed = self._generator.remove([slot.uid], return_prompt_caches=True)
+                del self._slots[slot.uid]
+                for cache, tokens in removed.values():
+                    self._insert_for(slot.handle, tokens, cache)
+                slot.handle.events.put(Failed(Cancelled("the request was cancelled")))
 
     def _step(self):
         prompt_responses, generation_responses = self._generator.next()
         self._fail_broken()
         for response in prompt_responses:
             slot = self._slots.get(response.uid)
-            if slot and slot.checkpoint_len and response.end_of_segment:
-                self._save_checkpoint(slot)
+            if slot is not None:
+                with self._isolated(slot.handle, "processing the prompt"):
+                    faults.check(slot.handle.fault, "prefill")
+                    if slot.checkpoint_len and response.end_of_segment:
+                        self._save_checkpoint(slot)
         for response in generation_responses:
             slot = self._slots.get(response.uid)
             if slot is not None:
-                self._on_token(slot, response)
+                with self._isolated(slot.handle, "handling a generated token"):
+                    self._on_token(slot, response)
 
     def _fail_broken(self):
-        broken = [uid for uid, slot in self._slots.items() if slot.errors]
-        if broken:
-            self._generator.remove(broken)
-        for uid in broken:
-            slot = self._slots.pop(uid)
-            err = slot.errors[0]
-            log.error("request %s failed: %s", uid, err)
-            if not isinstance(err, BackendError):
-                err = BackendError(f"generation failed: {type(err).__name__}: {err}")
-            slot.handle.events.put(Failed(err))
+        """Fail the requests whose sampler or processors raised in this step."""
+        for slot in [s for s in self._slots.values() if s.errors]:
+            self._fail_request(slot.handle, slot.errors[0], "sampling")
 
     def _save_checkpoint(self, slot: _Slot):
         """Keep the KV state at the end of the system prompt for new conversations."""
@@ -471,9 +620,11 @@ class Engine:
         slot.checkpoint_len = 0
         if extracted:
             cache, tokens = extracted
-            self.insert_cache(list(tokens), cache)
+            self._insert_for(slot.handle, list(tokens), cache)
 
     def _on_token(self, slot: _Slot, response):
+        fault = slot.handle.fault
+        faults.check(fault, "hang")
         now = time.perf_counter()
         if slot.first_token_at is None:
             slot.first_token_at = now
@@ -483,11 +634,14 @@ class Engine:
         if not is_eos:
             slot.usage.completion_tokens += 1
             if slot.handle.request.logprobs:
+                faults.check(fault, "logprobs")
                 slot.logprobs.append(logprob_entry(
                     self._token_bytes, response.token, response.logprobs,
                     slot.handle.request.top_logprobs))
+            faults.check(fault, "detokenize")
             delta = slot.text.add(response.token)
         slot.usage.generation_ms = (now - slot.first_token_at) * 1000
+        faults.check(fault, "stop")
         if slot.text.stopped:
             removed = self._generator.remove([slot.uid], return_prompt_caches=True)
             cache, tokens = removed.get(slot.uid, (None, None))
@@ -497,6 +651,7 @@ class Engine:
             self._finish(slot, delta, response.finish_reason,
                          response.prompt_cache, response.all_tokens)
         else:
+            faults.check(fault, "parse")
             self._emit(slot, *slot.parser.feed(delta))
 
     def _emit(self, slot: _Slot, content: str, reasoning: str):
@@ -507,10 +662,13 @@ class Engine:
                                          dataclasses.replace(slot.usage)))
 
     def _finish(self, slot: _Slot, delta: str, reason: str, cache, tokens):
-        del self._slots[slot.uid]
-        self.insert_cache(tokens, cache)
+        del self._slots[slot.uid]  # out of the batch already; a fault below fails only it
+        faults.check(slot.handle.fault, "finish")
+        self._insert_for(slot.handle, tokens, cache)
         content, reasoning = slot.parser.feed(delta)
         tail_content, tail_reasoning = slot.parser.finish()
+        # A tool call the model wrote malformed goes back as text, never lost.
+        tail_content += slot.parser.rejected_text()
         self._emit(slot, content + tail_content, reasoning + tail_reasoning)
         usage = slot.usage
         self.last_metrics = {
@@ -523,3 +681,15 @@ class Engine:
             text=slot.content, reasoning=slot.reasoning, tool_calls=slot.parser.tool_calls(),
             structured=slot.parser.enabled, finish_reason=reason, usage=usage,
             logprobs=slot.logprobs if slot.handle.request.logprobs else None))
+
+
+def _fault_processor(stage: str):
+    """A logits processor that raises on its second call (fault injection)."""
+    calls = []
+
+    def process(tokens, logits):
+        calls.append(1)
+        if len(calls) > 1:
+            faults.check(stage, "decode")
+        return logits
+    return process

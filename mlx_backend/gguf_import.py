@@ -191,6 +191,48 @@ _NUMPY_TYPES = {
 }
 _TYPE_STRING, _TYPE_ARRAY = 8, 9
 
+# Limits for what a header may declare.  A hostile file must fail before we
+# allocate for it, so every count is checked against these and against the
+# bytes actually left in the file (each entry takes at least *_MIN_BYTES).
+_MAX_TENSORS = 1 << 16           # big MoE GGUFs hold a few thousand
+_MAX_KV = 1 << 16                # real files hold < 100 keys
+_MAX_KEY_BYTES = 1 << 10
+_MAX_NAME_BYTES = 1 << 10        # llama.cpp itself allows 63
+_MAX_STRING_BYTES = 8 << 20      # chat templates are tens of KiB
+_MAX_TOKEN_BYTES = 64 << 10      # one element of a string array (token, merge)
+_MAX_OBJECTS = 1 << 22           # strings + nested lists in all metadata arrays
+_MAX_ARRAY_DEPTH = 4
+_MAX_DIMS = 4                    # GGML_MAX_DIMS
+_MAX_DIM = 1 << 40
+_MAX_ALIGNMENT = 1 << 20
+_KV_MIN_BYTES = 8 + 4 + 1        # key length, value type, smallest value
+_TENSOR_MIN_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
+_NESTED_MIN_BYTES = 4 + 8        # element type, count
+
+
+def _bounded(what: str, value, low: int, high: int) -> int:
+    """The one range check for declared numbers: an integer in [low, high] or _Corrupt.
+
+    Integral floats pass (as ``int()`` let them before); bools, strings and
+    arrays do not.
+    """
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and value == int(value):
+        value = int(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise _Corrupt(f"{what} must be an integer, got {_show(value)}")
+    value = int(value)
+    if value < low:
+        raise _Corrupt(f"{what} is {value}, must be at least {low}")
+    if value > high:
+        raise _Corrupt(f"{what} is {value}, the limit is {high}")
+    return value
+
+
+def _show(value) -> str:
+    """A value for an error message, cut short: hostile values can be huge."""
+    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
 
 @dataclass
 class TensorInfo:
@@ -230,10 +272,27 @@ class _Cursor:
         self.buf = buf
         self.size = len(buf)
         self.pos = 0
+        self.objects_left = _MAX_OBJECTS
 
     def _need(self, n: int) -> None:
         if n < 0 or self.pos + n > self.size:
             raise _Truncated(f"needs {n} bytes at offset {self.pos}, file has {self.size}")
+
+    def count(self, what: str, count: int, min_bytes: int, cap: int) -> int:
+        """A declared count must be under ``cap`` and fit in the rest of the file."""
+        left = self.size - self.pos
+        if count * min_bytes > left:
+            raise _Truncated(
+                f"{what} is {count}, but {count} entries of at least {min_bytes} bytes "
+                f"cannot fit in the {left} bytes left in the file"
+            )
+        return _bounded(what, count, 0, cap)
+
+    def objects(self, what: str, count: int, min_bytes: int) -> int:
+        """Strings and nested lists cost ~50 bytes of memory each: budget them."""
+        count = self.count(what, count, min_bytes, self.objects_left)
+        self.objects_left -= count
+        return count
 
     def scalar(self, fmt: str):
         n = struct.calcsize(fmt)
@@ -244,9 +303,10 @@ class _Cursor:
             value = float(str(np.float32(value)))
         return value
 
-    def string(self) -> str:
+    def string(self, cap: int = _MAX_STRING_BYTES) -> str:
         n = self.scalar("<Q")
-        self._need(n)
+        if n > cap or self.pos + n > self.size:
+            raise _string_error(n, self.pos, self.size, cap)
         raw = self.buf[self.pos: self.pos + n].tobytes()
         self.pos += n
         return raw.decode("utf-8", errors="replace")
@@ -257,33 +317,36 @@ class _Cursor:
         unpack = struct.Struct("<Q").unpack_from
         pos, size, out = self.pos, self.size, []
         append = out.append
-        for _ in range(count):
+        for i in range(count):
             if pos + 8 > size:
                 raise _Truncated(f"string length at offset {pos} past end of file ({size})")
             (n,) = unpack(view, pos)
             pos += 8
-            if pos + n > size:
-                raise _Truncated(f"string of {n} bytes at offset {pos} past end of file ({size})")
+            if n > _MAX_TOKEN_BYTES or pos + n > size:
+                raise _string_error(n, pos, size, _MAX_TOKEN_BYTES, f"element {i}: ")
             append(str(view[pos:pos + n], "utf-8", "replace"))
             pos += n
         self.pos = pos
         return out
 
-    def array(self):
+    def array(self, depth: int = 0):
         elem_type = self.scalar("<I")
         count = self.scalar("<Q")
         if elem_type == _TYPE_STRING:
-            self._need(8 * count)  # every string has at least its length field
-            return self._strings(count)
+            # every string has at least its length field
+            return self._strings(self.objects("string array length", count, 8))
         if elem_type == _TYPE_ARRAY:
-            return [self.array() for _ in range(count)]
+            if depth + 1 >= _MAX_ARRAY_DEPTH:
+                raise _Corrupt(f"arrays nested more than {_MAX_ARRAY_DEPTH} deep")
+            count = self.objects("nested array length", count, _NESTED_MIN_BYTES)
+            return [self.array(depth + 1) for _ in range(count)]
         dtype = _NUMPY_TYPES.get(elem_type)
         if dtype is None:
             raise _Corrupt(f"unknown metadata value type {elem_type}")
-        nbytes = np.dtype(dtype).itemsize * count
-        self._need(nbytes)
+        itemsize = np.dtype(dtype).itemsize
+        count = self.count("array length", count, itemsize, self.size)
         values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
-        self.pos += nbytes
+        self.pos += itemsize * count
         return values
 
     def value(self, value_type: int):
@@ -295,6 +358,13 @@ class _Cursor:
         if fmt is None:
             raise _Corrupt(f"unknown metadata value type {value_type}")
         return self.scalar(fmt)
+
+
+def _string_error(n: int, pos: int, size: int, cap: int, where: str = "") -> Exception:
+    """Why a declared string length is refused: over the cap, or past the end."""
+    if n > cap:
+        return _Corrupt(f"{where}string of {n} bytes exceeds the limit of {cap} bytes")
+    return _Truncated(f"{where}string of {n} bytes at offset {pos} past end of file ({size})")
 
 
 class _Truncated(Exception):
@@ -319,6 +389,9 @@ def read_gguf(path) -> GGUFFile:
         raise GGUFImportError(f"{path}: truncated or corrupt GGUF file ({err})") from None
     except _Corrupt as err:
         raise GGUFImportError(f"{path}: corrupt GGUF file ({err})") from None
+    except (ValueError, OverflowError, struct.error, MemoryError, RecursionError) as err:
+        # every check above should come first; this keeps any miss a clean failure
+        raise GGUFImportError(f"{path}: corrupt GGUF file ({type(err).__name__}: {err})") from None
 
 
 def _check_magic(path: Path) -> None:
@@ -336,55 +409,101 @@ def _check_magic(path: Path) -> None:
 
 
 def _parse(path: Path, data: np.ndarray) -> GGUFFile:
+    """Header, metadata and tensor table; errors say which entry they were in."""
     cur = _Cursor(data)
     cur.pos = 4
-    version = cur.scalar("<I")
-    if version not in (2, 3):
-        raise _Corrupt(f"unsupported GGUF version {version} (supported: 2, 3)")
-    n_tensors = cur.scalar("<Q")
-    n_kv = cur.scalar("<Q")
-    metadata = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        metadata[key] = cur.value(cur.scalar("<I"))
-    infos = [_read_tensor_info(cur) for _ in range(n_tensors)]
-    alignment = int(metadata.get("general.alignment", 32)) or 32
-    data_start = -(-cur.pos // alignment) * alignment
-    tensors = {}
-    for name, shape, ggml_type, rel_offset in infos:
-        info = _tensor_info(name, shape, ggml_type, data_start + rel_offset)
-        if info.offset + info.nbytes > cur.size:
-            raise _Truncated(
-                f"tensor {name!r} ends at byte {info.offset + info.nbytes}, file has {cur.size}"
-            )
-        tensors[name] = info
+    where = "header"
+    try:
+        version = cur.scalar("<I")
+        if version not in (2, 3):
+            raise _Corrupt(f"unsupported GGUF version {version} (supported: 2, 3)")
+        n_tensors = cur.scalar("<Q")
+        n_kv = cur.scalar("<Q")
+        n_tensors = cur.count("tensor count", n_tensors, _TENSOR_MIN_BYTES, _MAX_TENSORS)
+        n_kv = cur.count("metadata key count", n_kv, _KV_MIN_BYTES, _MAX_KV)
+        metadata = {}
+        for i in range(n_kv):
+            where = f"metadata entry #{i}"
+            key = cur.string(_MAX_KEY_BYTES)
+            where = f"metadata key {_show(key)}"
+            if key in metadata:
+                raise _Corrupt("duplicate key")
+            metadata[key] = cur.value(cur.scalar("<I"))
+        where = "metadata"
+        alignment = _alignment(metadata)
+        infos = []
+        for i in range(n_tensors):
+            where = f"tensor #{i}"
+            name = cur.string(_MAX_NAME_BYTES)
+            where = f"tensor {_show(name)}"
+            infos.append((name, *_read_tensor_info(cur)))
+        where = "tensor data"
+        data_start = -(-cur.pos // alignment) * alignment
+        tensors = {}
+        for name, shape, ggml_type, rel_offset in infos:
+            where = f"tensor {_show(name)}"
+            if name in tensors:
+                raise _Corrupt("duplicate tensor name")
+            if rel_offset % alignment:
+                raise _Corrupt(f"offset {rel_offset} is not a multiple of alignment {alignment}")
+            tensors[name] = _tensor_info(name, shape, ggml_type, data_start + rel_offset, cur.size)
+        where = "tensor data"
+        _check_overlaps(tensors)
+    except (_Truncated, _Corrupt) as err:
+        raise type(err)(f"{where}: {err}") from None
     return GGUFFile(path, version, metadata, tensors, data)
 
 
+def _alignment(metadata: dict) -> int:
+    """``general.alignment``: a power of two (32 when absent), as llama.cpp requires."""
+    value = metadata.get("general.alignment", 32)
+    alignment = _bounded("general.alignment", value, 1, _MAX_ALIGNMENT)
+    if alignment & (alignment - 1):
+        raise _Corrupt(f"general.alignment {alignment} is not a power of two")
+    return alignment
+
+
 def _read_tensor_info(cur: _Cursor):
-    name = cur.string()
-    n_dims = cur.scalar("<I")
-    if n_dims > 8:
-        raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions")
-    dims = [cur.scalar("<Q") for _ in range(n_dims)]
+    """(shape, type, offset) after the name; dims are checked before they are used."""
+    n_dims = _bounded("number of dimensions", cur.scalar("<I"), 1, _MAX_DIMS)
+    dims = [_bounded(f"dimension {d}", cur.scalar("<Q"), 1, _MAX_DIM) for d in range(n_dims)]
     ggml_type = cur.scalar("<I")
     offset = cur.scalar("<Q")
-    return name, tuple(reversed(dims)), ggml_type, offset
+    return tuple(reversed(dims)), ggml_type, offset
 
 
-def _tensor_info(name: str, shape, ggml_type: int, offset: int) -> TensorInfo:
-    """Size the tensor; a type this gguf package does not know is reported later."""
+def _tensor_info(name: str, shape, ggml_type: int, offset: int, file_size: int) -> TensorInfo:
+    """Size the tensor and check it lies inside the file.
+
+    A type this gguf package does not know is reported later (by name); its
+    size is unknown, but no type packs more than 8 elements per byte.
+    """
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    elements = math.prod(shape)
     try:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
+        if offset + elements // 8 > file_size:
+            raise _Truncated(
+                f"{elements} elements at byte {offset} cannot fit in the file ({file_size} bytes)"
+            ) from None
         return TensorInfo(name, shape, ggml_type, offset, 0)
-    ne0 = shape[-1] if shape else 1
+    ne0 = shape[-1]
     if ne0 % block:
-        raise _Corrupt(f"tensor {name!r} row of {ne0} is not a multiple of block size {block}")
-    nbytes = math.prod(shape[:-1]) * (ne0 // block) * type_size
+        raise _Corrupt(f"row of {ne0} is not a multiple of block size {block}")
+    nbytes = elements // block * type_size
+    if offset + nbytes > file_size:
+        raise _Truncated(f"ends at byte {offset + nbytes}, past the end of the file ({file_size})")
     return TensorInfo(name, shape, ggml_type, offset, nbytes)
+
+
+def _check_overlaps(tensors: Dict[str, TensorInfo]) -> None:
+    """Two tensors sharing bytes means a forged table (cheap: one sort)."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise _Corrupt(f"tensors {first!r} and {second!r} overlap")
 
 
 # ----------------------------------------------------------------------------
@@ -416,6 +535,15 @@ _IGNORED_BLOCK_TENSORS = {"attn_rot_embd"}
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
+# Sane bounds for architecture values; the tensors must also agree with them.
+_MAX_LAYERS = 1024
+_MAX_HEADS = 4096
+_MAX_HEAD_DIM = 4096
+_MAX_WIDTH = 1 << 20  # embedding_length, feed_forward_length
+_MAX_VOCAB = 1 << 22
+_MAX_CONTEXT = 1 << 31
+
+
 @dataclass
 class ImportPlan:
     config: dict
@@ -425,20 +553,36 @@ class ImportPlan:
 
 
 def _plan_import(gguf: GGUFFile) -> ImportPlan:
-    """Validate everything that can be checked before writing any file."""
+    """Validate everything that can be checked before writing any file.
+
+    Metadata values of the wrong type or range surface here as GGUFImportError
+    too: nothing a file declares may escape as another exception.
+    """
+    try:
+        return _plan(gguf)
+    except _Corrupt as err:
+        raise GGUFImportError(f"{gguf.path}: invalid metadata: {err}") from None
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:
+        raise GGUFImportError(
+            f"{gguf.path}: invalid metadata ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _plan(gguf: GGUFFile) -> ImportPlan:
     from .gguf_tokenizer import TokenizerBuildError, build_tokenizer_files
 
     path = gguf.path
-    arch = gguf.architecture
-    if not arch:
+    raw_arch = gguf.metadata.get("general.architecture")
+    if raw_arch is None or (isinstance(raw_arch, str) and not raw_arch):
         raise GGUFImportError(f"{path}: missing required metadata key 'general.architecture'")
+    arch = raw_arch if isinstance(raw_arch, str) else _show(raw_arch)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFImportError(
             f"{path}: unsupported architecture '{arch}' "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    splits = _meta(gguf, "split.count", 1)
-    if int(splits) > 1:
+    splits = _meta_int(gguf, "split.count", 0, 1 << 16, default=1)
+    if splits > 1:
         raise GGUFImportError(
             f"{path}: split GGUF ({splits} parts) is not supported; merge it with "
             "llama-gguf-split --merge first"
@@ -446,11 +590,11 @@ def _plan_import(gguf: GGUFFile) -> ImportPlan:
     _check_tensor_types(gguf)
     names = _map_tensor_names(gguf)
     config = _build_config(gguf, names)
+    _check_vocab(gguf, config)  # before the tokenizer: that is the costly part
     try:
         tokenizer = build_tokenizer_files(gguf.metadata)
     except TokenizerBuildError as err:
         raise GGUFImportError(f"{path}: {err}") from None
-    _check_vocab(gguf, config)
     _check_against_model(gguf, config, names)
     config["bos_token_id"] = tokenizer.bos_token_id
     if tokenizer.eos_token_ids:
@@ -478,6 +622,23 @@ def _meta(gguf: GGUFFile, key: str, default=None, required=False):
             )
         value = value.reshape(()).item()
     return value
+
+
+def _meta_int(gguf: GGUFFile, key: str, low: int, high: int, default=None, required=False):
+    """An integer metadata value, range-checked by ``_bounded``."""
+    value = _meta(gguf, key, default, required)
+    return None if value is None else _bounded(key, value, low, high)
+
+
+def _meta_float(gguf: GGUFFile, key: str, default=None, required=False):
+    """A positive finite float (epsilons, rope bases and factors)."""
+    value = _meta(gguf, key, default, required)
+    if value is None:
+        return None
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number))
+            or not math.isfinite(value) or value <= 0):
+        raise _Corrupt(f"{key} must be a positive number, got {_show(value)}")
+    return float(value)
 
 
 def _check_tensor_types(gguf: GGUFFile) -> None:
@@ -520,31 +681,50 @@ def _map_tensor_names(gguf: GGUFFile) -> Dict[str, str]:
 
 
 def _build_config(gguf: GGUFFile, names: Dict[str, str]) -> dict:
+    """config.json values, each range-checked and then checked against the tensors."""
     arch = gguf.architecture
+    path = gguf.path
 
-    def need(key):
-        return _meta(gguf, f"{arch}.{key}", required=True)
+    def key(name):
+        return f"{arch}.{name}"
 
-    hidden = int(need("embedding_length"))
-    heads = int(need("attention.head_count"))
-    kv_heads = int(_meta(gguf, f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(_meta(gguf, f"{arch}.attention.key_length", hidden // max(heads, 1)))
-    embd = gguf.tensors["token_embd.weight"]
+    layers = _check_layer_count(gguf, names)
+    hidden = _meta_int(gguf, key("embedding_length"), 1, _MAX_WIDTH, required=True)
+    heads = _meta_int(gguf, key("attention.head_count"), 1, _MAX_HEADS, required=True)
+    kv_heads = _meta_int(gguf, key("attention.head_count_kv"), 1, _MAX_HEADS, default=heads)
+    if heads % kv_heads:
+        raise GGUFImportError(
+            f"{path}: {key('attention.head_count')} {heads} is not divisible by "
+            f"{key('attention.head_count_kv')} {kv_heads}"
+        )
+    head_dim = _meta_int(gguf, key("attention.key_length"), 1, _MAX_HEAD_DIM)
+    if head_dim is None:
+        if hidden % heads:
+            raise GGUFImportError(
+                f"{path}: {key('embedding_length')} {hidden} is not divisible by "
+                f"{key('attention.head_count')} {heads}"
+            )
+        head_dim = hidden // heads
     config = {
         "model_type": arch,
         "hidden_size": hidden,
-        "num_hidden_layers": int(need("block_count")),
-        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": layers,
+        "intermediate_size": _meta_int(gguf, key("feed_forward_length"), 1, _MAX_WIDTH,
+                                       required=True),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "max_position_embeddings": int(need("context_length")),
-        "vocab_size": int(embd.shape[0]),
-        "rope_theta": float(_meta(gguf, f"{arch}.rope.freq_base", 10000.0)),
+        "rms_norm_eps": _meta_float(gguf, key("attention.layer_norm_rms_epsilon"),
+                                    required=True),
+        "max_position_embeddings": _meta_int(gguf, key("context_length"), 1, _MAX_CONTEXT,
+                                             required=True),
+        "vocab_size": _bounded("token_embd.weight rows (vocabulary size)",
+                               gguf.tensors["token_embd.weight"].shape[0], 1, _MAX_VOCAB),
+        "rope_theta": _meta_float(gguf, key("rope.freq_base"), 10000.0),
         "rope_traditional": False,
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
     }
+    _check_shapes(gguf, config)
     _check_rope_dims(gguf, config)
     scaling = _rope_scaling(gguf, config)
     if scaling is not None:
@@ -555,11 +735,59 @@ def _build_config(gguf: GGUFFile, names: Dict[str, str]) -> dict:
     return config
 
 
+def _check_layer_count(gguf: GGUFFile, names: Dict[str, str]) -> int:
+    """block_count sizes loops and the model: it must be the blk.N layers present."""
+    key = f"{gguf.architecture}.block_count"
+    declared = _meta_int(gguf, key, 0, 1 << 64, required=True)
+    present = sorted({int(n.split(".")[2]) for n in names.values()
+                      if n.startswith("model.layers.")})
+    if declared != len(present):
+        raise GGUFImportError(
+            f"{gguf.path}: {key} {declared} declared but {len(present)} layers present "
+            "(blk.N tensors)"
+        )
+    if present != list(range(len(present))):
+        raise GGUFImportError(
+            f"{gguf.path}: blk.N layers are not numbered 0..{len(present) - 1} "
+            f"(found {_show(present)})"
+        )
+    return _bounded(key, declared, 1, _MAX_LAYERS)
+
+
+def _check_shapes(gguf: GGUFFile, config: dict) -> None:
+    """Declared sizes must match the tensors before mlx-lm builds a model from them."""
+    arch = gguf.architecture
+    h, hd, f = config["hidden_size"], config["head_dim"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    q, kv = heads * hd, kv_heads * hd
+    emb = f"{arch}.embedding_length={h}"
+    q_why = f"{arch}.attention.head_count={heads} x head dim {hd}, {emb}"
+    kv_why = f"{arch}.attention.head_count_kv={kv_heads} x head dim {hd}, {emb}"
+    ffn_why = f"{arch}.feed_forward_length={f}, {emb}"
+    per_layer = {
+        "attn_q.weight": ((q, h), q_why), "attn_k.weight": ((kv, h), kv_why),
+        "attn_v.weight": ((kv, h), kv_why), "attn_output.weight": ((h, q), q_why),
+        "ffn_gate.weight": ((f, h), ffn_why), "ffn_up.weight": ((f, h), ffn_why),
+        "ffn_down.weight": ((h, f), ffn_why),
+    }
+    expected = {"token_embd.weight": ((config["vocab_size"], h), emb)}
+    for layer in range(config["num_hidden_layers"]):
+        for suffix, want in per_layer.items():
+            expected[f"blk.{layer}.{suffix}"] = want
+    for name, (shape, why) in expected.items():
+        info = gguf.tensors.get(name)
+        if info is not None and tuple(info.shape) != shape:
+            raise GGUFImportError(
+                f"{gguf.path}: tensor '{name}' has shape {list(info.shape)}, "
+                f"but the metadata ({why}) implies {list(shape)}"
+            )
+
+
 def _check_rope_dims(gguf: GGUFFile, config: dict) -> None:
     """mlx-lm rotates the whole head; partial rotary GGUFs would be silently wrong."""
     arch = gguf.architecture
-    n_rot = _meta(gguf, f"{arch}.rope.dimension_count")
-    if n_rot is not None and int(n_rot) != config["head_dim"]:
+    n_rot = _meta_int(gguf, f"{arch}.rope.dimension_count", 0, _MAX_HEAD_DIM)
+    if n_rot is not None and n_rot != config["head_dim"]:
         raise GGUFImportError(
             f"{gguf.path}: unsupported partial rotary embedding "
             f"({arch}.rope.dimension_count={n_rot}, head dim {config['head_dim']})"
@@ -574,17 +802,20 @@ def _check_rope_dims(gguf: GGUFFile, config: dict) -> None:
 def _rope_scaling(gguf: GGUFFile, config: dict) -> Optional[dict]:
     arch = gguf.architecture
     kind = _meta(gguf, f"{arch}.rope.scaling.type")
-    factor = _meta(gguf, f"{arch}.rope.scaling.factor")
+    factor = _meta_float(gguf, f"{arch}.rope.scaling.factor")
     if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
         return _llama3_rope_scaling(gguf, config)
+    if kind in ("linear", "yarn") and factor is None:
+        raise GGUFImportError(
+            f"{gguf.path}: missing required metadata key '{arch}.rope.scaling.factor'"
+        )
     if kind == "linear":
-        return {"type": "linear", "factor": float(factor)}
+        return {"type": "linear", "factor": factor}
     if kind == "yarn":
-        original = _meta(gguf, f"{arch}.rope.scaling.original_context_length",
-                         config["max_position_embeddings"])
-        return {"type": "yarn", "factor": float(factor),
-                "original_max_position_embeddings": int(original)}
-    raise GGUFImportError(f"{gguf.path}: unsupported rope scaling type '{kind}'")
+        original = _meta_int(gguf, f"{arch}.rope.scaling.original_context_length", 1,
+                             _MAX_CONTEXT, config["max_position_embeddings"])
+        return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+    raise GGUFImportError(f"{gguf.path}: unsupported rope scaling type {_show(kind)}")
 
 
 def _llama3_rope_scaling(gguf: GGUFFile, config: dict) -> Optional[dict]:
@@ -597,6 +828,11 @@ def _llama3_rope_scaling(gguf: GGUFFile, config: dict) -> Optional[dict]:
     info = gguf.tensors.get("rope_freqs.weight")
     if info is None:
         return None
+    if tuple(info.shape) != (config["head_dim"] // 2,):
+        raise GGUFImportError(
+            f"{gguf.path}: tensor 'rope_freqs.weight' has shape {list(info.shape)}, "
+            f"but head dim {config['head_dim']} implies [{config['head_dim'] // 2}]"
+        )
     factors = _to_float32(gguf, info).reshape(-1)
     if np.allclose(factors, 1.0):
         return None
@@ -641,7 +877,14 @@ def _llama_attention_bias(gguf: GGUFFile, names: Dict[str, str]) -> bool:
 
 
 def _check_vocab(gguf: GGUFFile, config: dict) -> None:
-    tokens = gguf.metadata.get("tokenizer.ggml.tokens") or []
+    """The token list must match the embedding rows (and so is bounded by them)."""
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise GGUFImportError(
+            f"{gguf.path}: missing required metadata key 'tokenizer.ggml.tokens'"
+        )
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise GGUFImportError(f"{gguf.path}: tokenizer.ggml.tokens is not an array of strings")
     rows = config["vocab_size"]
     if len(tokens) != rows:
         raise GGUFImportError(

@@ -22,7 +22,6 @@ embedding) are always masked.
 
 from __future__ import annotations
 
-import json
 import threading
 import weakref
 from typing import List, Optional, Sequence, Tuple
@@ -30,6 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .chat import load_json
 from .errors import BackendError, FailedPrecondition, InvalidArgument
 
 __all__ = ["GrammarSpec", "compile_grammar", "llg_tokenizer"]
@@ -110,15 +110,21 @@ def _grammar_text(grammar: str) -> Tuple[str, str]:
     text = grammar.strip()
     if not text:
         raise InvalidArgument("Grammar is invalid: the grammar is empty")
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
+    parsed = None
+    if text[0] in "{[":  # GBNF and Lark start with a rule name or a directive
+        try:
+            # Depth- and size-limited: a deep schema would otherwise raise
+            # RecursionError here or exhaust llguidance's stack later.
+            parsed = load_json(text, "the JSON schema")
+        except ValueError:  # not JSON after all: the GBNF parser will say why
+            parsed = None
+        except InvalidArgument as err:
+            raise InvalidArgument(f"Grammar is invalid: {err}") from None
     if isinstance(parsed, dict):
         try:
             return "json_schema", llguidance.LLMatcher.grammar_from_json_schema(
                 parsed, defaults=JSON_DEFAULTS)
-        except (ValueError, TypeError) as err:
+        except Exception as err:  # ValueError/TypeError; a deep schema, RecursionError
             raise InvalidArgument(f"Grammar is invalid: {err}") from err
     try:
         # GBNF, or Lark when it already looks like Lark (`start:`/`%llguidance`).
@@ -140,7 +146,10 @@ def compile_grammar(grammar: str, tokenizer) -> "GrammarSpec":
     lltok = llg_tokenizer(tokenizer)
     # Building the matcher compiles the grammar (and reports its errors); it
     # is kept pristine as the template each request's matcher is copied from.
-    matcher = llguidance.LLMatcher(lltok, text, log_level=0)
+    try:
+        matcher = llguidance.LLMatcher(lltok, text, log_level=0)
+    except Exception as err:  # errors are normally reported by is_error(); be safe
+        raise InvalidArgument(f"Grammar is invalid: {_short(str(err))}") from err
     if matcher.is_error():
         raise InvalidArgument(f"Grammar is invalid: {_short(matcher.get_error())}")
     return GrammarSpec(kind, text, lltok, matcher)

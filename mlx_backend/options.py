@@ -7,6 +7,7 @@ the wrong kind fails the load with a message naming the key.
 
 import dataclasses
 import logging
+import math
 import re
 from typing import Optional
 
@@ -59,6 +60,7 @@ class ModelSettings:
     prefill_batch_size: int = 8
     prefill_step_size: int = 512
     max_queue: int = 256
+    step_timeout: float = 600.0  # seconds a step may run before the engine is failed; 0 = never
     context_size: Optional[int] = None  # None: the model's own
     context_overflow: str = "error"  # or "truncate": drop the oldest turns to fit
     # Loading.
@@ -104,6 +106,8 @@ def _coerce(key, value, default):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("expected a number")
         value = float(value)
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
     else:
         value = str(value)
     return value
@@ -124,26 +128,43 @@ def parse_options(pairs) -> ModelSettings:
             continue
         try:
             value = _coerce(key, parse_value(raw), fields[key])
-        except ValueError as err:
+        except (ValueError, OverflowError) as err:
             raise InvalidArgument(f"option {key!r} has a bad value {raw!r}: {err}") from None
         setattr(settings, key, value)
     _validate(settings)
     return settings
 
 
+# The largest value each integer setting may take: anything beyond is a typo
+# that would otherwise ask for absurd memory or time.
+_INT_LIMITS = {
+    "max_cache_entries": 2**20, "max_batch_size": 4096, "prefill_batch_size": 4096,
+    "prefill_step_size": 2**20, "max_queue": 2**20, "max_tokens": 2**31,
+    "repeat_last_n": 2**20, "max_kv_size": 2**31, "context_size": 2**31,
+    "cache_bytes": 2**50,
+}
+
+
 def _validate(s: ModelSettings):
+    """Every setting within the range the engine, sampler and processors accept,
+    so a bad value fails LoadModel, naming the key, and never a request later."""
     checks = [
         ("max_cache_entries", s.max_cache_entries >= 0),
         ("max_batch_size", s.max_batch_size >= 1),
         ("prefill_batch_size", s.prefill_batch_size >= 1),
         ("prefill_step_size", s.prefill_step_size >= 1),
         ("max_queue", s.max_queue >= 1),
+        ("step_timeout", s.step_timeout == 0 or s.step_timeout >= 1),
         ("max_tokens", s.max_tokens >= 1),
         ("temperature", s.temperature >= 0),
         ("top_p", 0 <= s.top_p <= 1),
         ("min_p", 0 <= s.min_p <= 1),
         ("top_k", s.top_k >= 0),
         ("repeat_last_n", s.repeat_last_n >= 0),
+        ("repetition_penalty", s.repetition_penalty > 0),
+        ("xtc_probability", 0 <= s.xtc_probability <= 1),
+        ("xtc_threshold", 0 <= s.xtc_threshold <= 0.5),
+        ("seed", s.seed is None or -1 <= s.seed < 2**64),
         ("cache_bytes", s.cache_bytes is None or s.cache_bytes >= 0),
         ("max_kv_size", s.max_kv_size is None or s.max_kv_size >= 1),
         ("context_size", s.context_size is None or s.context_size >= 1),
@@ -151,6 +172,20 @@ def _validate(s: ModelSettings):
         ("gguf_requant_bits", s.gguf_requant_bits in (None, 2, 3, 4, 5, 6, 8)),
         ("gguf_requant_group_size", s.gguf_requant_group_size in (32, 64, 128)),
     ]
+    checks += [(key, getattr(s, key) is None or getattr(s, key) <= limit)
+               for key, limit in _INT_LIMITS.items()]
     for key, ok in checks:
         if not ok:
-            raise InvalidArgument(f"option {key!r} is out of range: {getattr(s, key)!r}")
+            raise InvalidArgument(f"option {key!r} is out of range: {getattr(s, key)!r}"
+                                  f"{_RANGE_HINTS.get(key, '')}")
+    if s.seed == -1:
+        s.seed = None  # llama.cpp's convention: -1 means a random seed
+
+
+_RANGE_HINTS = {
+    "seed": " (use 0..2^64-1, or -1 for a random seed)",
+    "top_p": " (use 0..1)", "min_p": " (use 0..1)",
+    "xtc_probability": " (use 0..1)", "xtc_threshold": " (use 0..0.5)",
+    "repetition_penalty": " (use a number > 0; 1 = off)",
+    "step_timeout": " (seconds, at least 1; 0 = no limit)",
+}

@@ -6,9 +6,11 @@ boundaries. Text that could still become a stop string is held back until it
 cannot, so no chunk ever carries a part of a stop string.
 """
 
-from typing import List, Sequence
+import math
+from typing import List, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, _byte_decoder
 
 
@@ -118,22 +120,49 @@ class TokenBytes:
         return piece.replace("\u2581", " ").encode("utf-8")
 
 
+# Logprobs go to LocalAI as JSON, which has no NaN or Infinity. A chosen
+# token whose log-probability is not finite (a grammar- or bias-masked -inf,
+# or NaN from overflowing logits) is reported at this floor instead; finite
+# values are clamped into float32's range.
+LOGPROB_FLOOR = -9999.0
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _finite_logprob(value: float) -> Optional[float]:
+    """A JSON-safe log-probability, or None if the value is not finite."""
+    value = float(value)
+    if not math.isfinite(value):
+        return None
+    return min(max(value, -_FLOAT32_MAX), _FLOAT32_MAX)
+
+
 def logprob_entry(token_bytes: TokenBytes, token: int, logprobs: mx.array,
                   top_n: int) -> dict:
-    """One OpenAI `content` entry: the chosen token and its top alternatives."""
+    """One OpenAI `content` entry: the chosen token and its top alternatives.
+
+    Always strict JSON (`json.dumps(entry, allow_nan=False)` works): the
+    chosen token's logprob is floored to LOGPROB_FLOOR when it is not finite,
+    and alternatives that are not finite (masked tokens) are left out, so
+    there may be fewer than `top_n` of them.
+    """
     def describe(tid: int, lp: float) -> dict:
         raw = token_bytes(tid)
         return {"id": tid, "token": raw.decode("utf-8", errors="replace"),
                 "bytes": list(raw), "logprob": lp}
 
-    entry = describe(int(token), float(logprobs[token].item()))
+    chosen = _finite_logprob(logprobs[token].item())
+    entry = describe(int(token), LOGPROB_FLOOR if chosen is None else chosen)
     alternatives: List[dict] = []
     if top_n > 0:
         top_n = min(top_n, logprobs.shape[-1])
-        ids = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
-        values = logprobs[ids]
+        # NaN and +inf rank as -inf, so they never crowd out real alternatives.
+        ranked = mx.where(mx.isfinite(logprobs), logprobs, -mx.inf)
+        ids = mx.argpartition(-ranked, kth=top_n - 1)[:top_n]
+        values = ranked[ids]
         order = mx.argsort(-values)
         for tid, lp in zip(ids[order].tolist(), values[order].tolist()):
-            alternatives.append(describe(tid, lp))
+            lp = _finite_logprob(lp)
+            if lp is not None:
+                alternatives.append(describe(tid, lp))
     entry["top_logprobs"] = alternatives
     return entry

@@ -53,23 +53,39 @@ def _pick(request_value, default):
     return request_value if request_value else default
 
 
+# OpenAI's range for logit_bias. Anything beyond it already bans or forces a
+# token, and a bias of 1e39 would overflow float32 (and far less, 65504, a
+# float16 model's logits) into inf/NaN.
+LOGIT_BIAS_LIMIT = 100.0
+
+
 def _logit_bias(text: str, vocab_size: int) -> dict:
+    """`LogitBias`: a JSON object {token id: bias}.
+
+    Keys must be token ids in the vocabulary, values finite numbers (not
+    booleans); a bias outside [-100, 100] (OpenAI's range) is clamped into
+    it. At most one entry per vocabulary token.
+    """
     if not text:
         return {}
     raw = chat.parse_json(text, "LogitBias", dict)
+    if len(raw) > vocab_size:
+        raise InvalidArgument(f"LogitBias has {len(raw)} entries, more than the "
+                              f"vocabulary's {vocab_size} tokens")
     bias = {}
     for key, value in raw.items():
         try:
             token = int(key)
         except ValueError:
-            raise InvalidArgument(f"LogitBias key {key!r} is not a token id") from None
+            raise InvalidArgument(f"LogitBias key {key[:50]!r} is not a token id") from None
         if not 0 <= token < vocab_size:
-            raise InvalidArgument(f"LogitBias token id {token} is outside the vocabulary "
+            raise InvalidArgument(f"LogitBias token id {key[:50]} is outside the vocabulary "
                                   f"(0..{vocab_size - 1})")
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
+                or (isinstance(value, float) and not math.isfinite(value)):
             raise InvalidArgument(f"LogitBias value for token {token} must be a finite number")
-        bias[token] = float(value)
+        # Clamp before converting: a huge int (10**400) does not fit a float.
+        bias[token] = float(min(max(value, -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT))
     return bias
 
 
@@ -167,7 +183,7 @@ def build_request(opts, loaded) -> GenerationRequest:
         logprobs=opts.Logprobs > 0 or opts.TopLogprobs > 0,
         top_logprobs=opts.TopLogprobs,
         grammar=_grammar(opts.Grammar, tokenizer),
-        tools=chat.parse_json(opts.Tools, "Tools", list) if opts.Tools else None,
+        tools=chat.parse_tools(opts.Tools) if opts.Tools else None,
         checkpoint_tokens=checkpoint,
         correlation_id=opts.CorrelationId,
     )

@@ -21,6 +21,9 @@ from mlx_lm.sample_utils import (
 )
 
 
+MIN_TEMPERATURE = 1e-3
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """One request's resolved controls (defaults live in options.ModelSettings)."""
@@ -40,7 +43,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures too small to sample at (1/T would overflow the logits)
+        are argmax, which is what they tend to anyway."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 def make_sampler(params: SamplingParams, vocab_size: int,

@@ -1,17 +1,19 @@
 """Score and Embedding: single forward passes, run on the engine thread.
 
 Score computes the prompt's KV state once and reuses a copy of it for each
-candidate, so N candidates cost one prompt pass plus N short passes.
+candidate, so N candidates cost one prompt pass plus N short passes. Both
+work in chunks and check between chunks whether their caller has gone, so a
+cancelled call stops occupying the engine.
 """
 
 import copy
 import dataclasses
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from .errors import BackendError
+from .errors import BackendError, Cancelled
 
 
 @dataclasses.dataclass
@@ -21,10 +23,21 @@ class CandidateScore:
     tokens: List[int]
 
 
-def prefill(model, cache, tokens: List[int], step: int) -> mx.array:
+def _never() -> bool:
+    return False
+
+
+def _check(cancelled: Callable[[], bool]):
+    if cancelled():
+        raise Cancelled("the caller cancelled the request")
+
+
+def prefill(model, cache, tokens: List[int], step: int,
+            cancelled: Callable[[], bool] = _never) -> mx.array:
     """Feed tokens into cache in chunks; return log-probs after the last one."""
     logits = None
     for start in range(0, len(tokens), step):
+        _check(cancelled)
         logits = model(mx.array([tokens[start:start + step]]), cache=cache)
         mx.eval([c.state for c in cache])
     last = logits[0, -1].astype(mx.float32)
@@ -32,16 +45,18 @@ def prefill(model, cache, tokens: List[int], step: int) -> mx.array:
 
 
 def score_candidates(model, cache, rest: List[int], candidates: List[List[int]],
-                     step: int = 512) -> Tuple[List[CandidateScore], list]:
+                     step: int = 512, cancelled: Callable[[], bool] = _never,
+                     max_kv_size: Optional[int] = None) -> Tuple[List[CandidateScore], list]:
     """Joint log-probability of each candidate's tokens after the prompt.
 
     `cache` holds the prompt minus `rest`; it ends up holding the whole prompt.
     """
     if cache is None:
-        cache = make_prompt_cache(model)
-    first = prefill(model, cache, rest, step)
+        cache = make_prompt_cache(model, max_kv_size)
+    first = prefill(model, cache, rest, step, cancelled)
     scores = []
     for tokens in candidates:
+        _check(cancelled)
         per_token = [first[tokens[0]]]
         if len(tokens) > 1:
             logits = model(mx.array([tokens[:-1]]), cache=copy.deepcopy(cache))[0]
@@ -53,12 +68,20 @@ def score_candidates(model, cache, rest: List[int], candidates: List[List[int]],
     return scores, cache
 
 
-def embed(model, tokens: List[int]) -> List[float]:
-    """Mean of the final hidden states, L2-normalised."""
+def embed(model, tokens: List[int], step: int = 512,
+          cancelled: Callable[[], bool] = _never) -> List[float]:
+    """Mean of the final hidden states, L2-normalised (computed chunk by chunk)."""
     body = getattr(model, "model", None)
     if body is None:
         raise BackendError("this model architecture exposes no hidden states to embed")
-    hidden = body(mx.array([tokens]))[0].astype(mx.float32)
-    pooled = hidden.mean(axis=0)
+    cache = make_prompt_cache(model)
+    total = None
+    for start in range(0, len(tokens), step):
+        _check(cancelled)
+        hidden = body(mx.array([tokens[start:start + step]]), cache=cache)[0]
+        chunk_sum = hidden.astype(mx.float32).sum(axis=0)
+        total = chunk_sum if total is None else total + chunk_sum
+        mx.eval(total, [c.state for c in cache])
+    pooled = total / len(tokens)
     pooled = pooled / mx.maximum(mx.linalg.norm(pooled), 1e-12)
     return pooled.tolist()

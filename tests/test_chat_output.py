@@ -60,6 +60,19 @@ def test_stream_separates_reasoning_from_content(loaded):
     assert call.name == "get_weather"
 
 
+@pytest.mark.parametrize("body", ["1", '{"name": 7, "arguments": {}}', '{"arguments": {}}',
+                                  '"just text"'])
+def test_a_malformed_tool_call_comes_back_as_content(loaded, body):
+    forced = f'start: "Calling." <tool_call> {json.dumps(body)} </tool_call>'
+    reply = loaded.stub.Predict(chat_request(Grammar=forced))
+    (delta,) = reply.chat_deltas
+    assert not delta.tool_calls
+    assert delta.content == reply.message.decode() == f"Calling.<tool_call>{body}</tool_call>"
+    chunks = list(loaded.stub.PredictStream(chat_request(Grammar=forced)))
+    assert b"".join(c.message for c in chunks) == reply.message
+    assert not [t for c in chunks for d in c.chat_deltas for t in d.tool_calls]
+
+
 def test_messages_fields_and_tools_reach_the_template(loaded):
     messages = [
         M(role="system", content="Be brief."),

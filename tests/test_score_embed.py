@@ -70,3 +70,40 @@ def test_embedding_is_normalised_mean_of_hidden_states(loaded, reference):
     assert reply.dim == len(expected) and reply.prompt_tokens == len(ids)
     assert np.allclose(np.array(reply.embeddings), expected, atol=1e-4)
     assert reply.layout == backend_pb2.EmbeddingResult.EMBEDDING_LAYOUT_FINAL
+
+
+def test_score_and_embedding_are_bounded(server, tiny_model):
+    server.load(tiny_model, options=["max_kv_size:64"])
+    too_many = backend_pb2.ScoreRequest(prompt="hi", candidates=["a"] * 300)
+    too_long = backend_pb2.ScoreRequest(prompt="hi", candidates=["word " * 80])
+    past_window = backend_pb2.PredictOptions(Embeddings="word " * 80)
+    for call, request, words in ((server.stub.Score, too_many, "at most 256 candidates"),
+                                 (server.stub.Score, too_long, "max_kv_size"),
+                                 (server.stub.Embedding, past_window, "max_kv_size")):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in info.value.details()
+    server.load(tiny_model)
+    huge = backend_pb2.ScoreRequest(prompt="hi", candidates=["word " * 300] * 256)
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.Score(huge, timeout=30)
+    assert "split the request" in info.value.details()
+
+
+def test_a_cancelled_score_stops_occupying_the_engine(loaded):
+    import time
+
+    request = backend_pb2.ScoreRequest(prompt="word " * 200, candidates=["word " * 150] * 200)
+    started = time.perf_counter()
+    loaded.stub.Score(request, timeout=300)
+    full = time.perf_counter() - started
+    assert full > 1.0  # long enough to tell a stopped call from a finished one
+    started = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as info:
+        loaded.stub.Score(request, timeout=full / 10)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    reply = loaded.stub.Predict(backend_pb2.PredictOptions(Prompt="Hello", Tokens=2),
+                                timeout=60)
+    assert reply.tokens >= 1
+    assert time.perf_counter() - started < full / 2
