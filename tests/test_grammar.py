@@ -8,8 +8,6 @@ test of the mask; several requests in one batch prove per-request isolation.
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import jsonschema
 import mlx.core as mx
@@ -18,13 +16,9 @@ import numpy as np
 import pytest
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from mlx_backend.errors import BackendError, InvalidArgument  # noqa: E402
-from mlx_backend.grammar import compile_grammar, llg_tokenizer  # noqa: E402
-from tiny_model import build_tiny_model  # noqa: E402
+from mlx_backend.errors import BackendError, InvalidArgument
+from mlx_backend.grammar import compile_grammar, llg_tokenizer
+from tiny_model import build_tiny_model
 
 PERSON = {
     "type": "object",

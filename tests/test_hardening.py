@@ -9,26 +9,20 @@ through `mlx_backend.request.build_request` as the servicer calls it.
 
 import json
 import math
-import sys
 import types
-from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import backend_pb2  # noqa: E402
-from mlx_backend import chat, request  # noqa: E402
-from mlx_backend.errors import BackendError, InvalidArgument  # noqa: E402
-from mlx_backend.grammar import compile_grammar  # noqa: E402
-from mlx_backend.options import ModelSettings  # noqa: E402
-from mlx_backend.output import LOGPROB_FLOOR, TokenBytes, logprob_entry  # noqa: E402
-from mlx_backend.response_parser import ResponseParser  # noqa: E402
-from tiny_model import build_tiny_model  # noqa: E402
+import backend_pb2
+from mlx_backend import chat, request
+from mlx_backend.errors import BackendError, InvalidArgument
+from mlx_backend.grammar import compile_grammar
+from mlx_backend.options import ModelSettings
+from mlx_backend.output import LOGPROB_FLOOR, TokenBytes, logprob_entry
+from mlx_backend.response_parser import ResponseParser
+from tiny_model import build_tiny_model
 
 M = backend_pb2.Message
 DEEP = 100_000       # json.loads raises RecursionError on this many levels
