@@ -1,7 +1,10 @@
 """Prompt tokens for a request: the raw `Prompt`, or `Messages` rendered
 through the model's chat template with tools and template switches."""
 
+import collections
+import dataclasses
 import json
+import weakref
 from typing import List, Optional
 
 from .errors import FailedPrecondition, InvalidArgument
@@ -136,11 +139,11 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
     "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs"})
 
 
-def template_kwargs(tools: str, metadata) -> dict:
+def template_kwargs(tools: Optional[list], metadata) -> dict:
     """Tools and LocalAI's Metadata switches, passed on to the chat template."""
     kwargs = {}
     if tools:
-        kwargs["tools"] = parse_tools(tools)
+        kwargs["tools"] = tools
     if metadata.get("chat_template_kwargs"):
         extra = parse_json(metadata["chat_template_kwargs"],
                            "Metadata.chat_template_kwargs", dict)
@@ -178,32 +181,50 @@ def uses_template(opts) -> bool:
     return bool(opts.Messages) and (opts.UseTokenizerTemplate or not opts.Prompt)
 
 
+@dataclasses.dataclass
+class PromptInput:
+    """A request's prompt, parsed once: the messages and template switches a
+    chat template renders (or a raw prompt), and the tools the response
+    parser needs."""
+
+    prompt: str = ""
+    messages: Optional[List[dict]] = None  # None: a raw prompt
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    tools: Optional[list] = None
+
+
+def parse_prompt(opts) -> PromptInput:
+    """The prompt fields of a PredictOptions, checked."""
+    tools = parse_tools(opts.Tools) if opts.Tools else None
+    if uses_template(opts):
+        return PromptInput(messages=messages_to_dicts(opts.Messages),
+                           kwargs=template_kwargs(tools, dict(opts.Metadata)), tools=tools)
+    if not opts.Prompt:
+        raise InvalidArgument("empty request: set Prompt, or Messages with "
+                              "UseTokenizerTemplate")
+    return PromptInput(prompt=opts.Prompt, tools=tools)
+
+
 def _chat_tokens(tokenizer, messages: List[dict], kwargs: dict) -> List[int]:
     return tokenizer.encode(render_chat(tokenizer, messages, kwargs), add_special_tokens=False)
 
 
-def prompt_tokens(tokenizer, opts, budget: Optional[int] = None) -> List[int]:
-    """Tokens to feed for a PredictOptions-like request.
+def prompt_tokens(tokenizer, prompt: PromptInput, budget: Optional[int] = None) -> List[int]:
+    """Tokens to feed for a parsed prompt.
 
     With a `budget`, the oldest turns after the system prompt (or, for a raw
     prompt, the oldest tokens) are dropped until the prompt fits in it.
     """
-    if uses_template(opts):
-        messages = messages_to_dicts(opts.Messages)
-        kwargs = template_kwargs(opts.Tools, dict(opts.Metadata))
-        tokens = _chat_tokens(tokenizer, messages, kwargs)
+    if prompt.messages is not None:
+        messages = prompt.messages
+        tokens = _chat_tokens(tokenizer, messages, prompt.kwargs)
         while budget is not None and len(tokens) > budget:
             messages = _drop_oldest_turn(messages)
             if messages is None:
                 break
-            tokens = _chat_tokens(tokenizer, messages, kwargs)
+            tokens = _chat_tokens(tokenizer, messages, prompt.kwargs)
         return tokens
-    if opts.Tools:
-        parse_tools(opts.Tools)
-    if not opts.Prompt:
-        raise InvalidArgument("empty request: set Prompt, or Messages with "
-                              "UseTokenizerTemplate")
-    tokens = tokenizer.encode(opts.Prompt)
+    tokens = tokenizer.encode(prompt.prompt)
     if budget is not None and len(tokens) > budget > 0:
         tokens = tokens[len(tokens) - budget:]
     return tokens
@@ -222,7 +243,13 @@ def _drop_oldest_turn(messages: List[dict]) -> Optional[List[dict]]:
     return messages[:head] + rest
 
 
-def system_prefix_tokens(tokenizer, opts) -> Optional[List[int]]:
+# Preamble tokens found so far, per tokenizer: most conversations repeat a
+# handful of system prompts, so the two probe renderings run once for each.
+_PREFIXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PREFIXES_PER_TOKENIZER = 64
+
+
+def system_prefix_tokens(tokenizer, prompt: PromptInput) -> Optional[List[int]]:
     """Tokens of the preamble (system message, tool list) that every
     conversation with the same preamble starts with, for a cache checkpoint.
 
@@ -230,11 +257,22 @@ def system_prefix_tokens(tokenizer, opts) -> Optional[List[int]]:
     some refuse an empty conversation), so it is found as the common prefix
     of two renderings that differ only in the user's words.
     """
-    messages = messages_to_dicts(opts.Messages)
+    messages = prompt.messages or []
     head = messages[:1] if messages and messages[0]["role"] in ("system", "developer") else []
-    if not head and not opts.Tools:
+    if not head and not prompt.tools:
         return None
-    kwargs = template_kwargs(opts.Tools, dict(opts.Metadata))
+    key = json.dumps([head, prompt.kwargs], sort_keys=True, default=str)
+    known = _PREFIXES.setdefault(tokenizer, collections.OrderedDict())
+    if key in known:
+        known.move_to_end(key)
+        return known[key]
+    known[key] = prefix = _probe_prefix(tokenizer, head, prompt.kwargs)
+    if len(known) > _PREFIXES_PER_TOKENIZER:
+        known.popitem(last=False)
+    return prefix
+
+
+def _probe_prefix(tokenizer, head: List[dict], kwargs: dict) -> Optional[List[int]]:
     try:
         first, second = (_chat_tokens(tokenizer, head + [{"role": "user", "content": probe}],
                                       kwargs) for probe in ("a", "b"))

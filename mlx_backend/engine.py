@@ -24,7 +24,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
 
 from mlx_cache import ThreadSafeLRUPromptCache
@@ -33,105 +33,15 @@ from . import faults
 from .errors import BackendError, Cancelled, FailedPrecondition, ResourceExhausted, Unavailable
 from .model_loader import LoadedModel, load_model
 from .options import ModelSettings, parse_options
-from .output import TextStream, TokenBytes, logprob_entry
+from .events import POLL_SECONDS, Delta, Done, Failed, RequestHandle, Usage
+from .generation import StopRule, plan_generation
+from .output import TokenBytes, logprob_entry
 from .response_parser import ResponseParser
 from .request import GenerationRequest
-from .sampling import greedy_sampler, make_processors, make_sampler
+from .sampling import greedy_sampler
 from .scoring import embed, score_candidates
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Usage:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_ms: float = 0.0
-    generation_ms: float = 0.0
-
-
-@dataclasses.dataclass
-class Delta:
-    text: str  # content, without reasoning or tool-call markup
-    reasoning: str
-    structured: bool  # the model has reasoning / tool-call markers
-    usage: Usage
-
-
-@dataclasses.dataclass
-class Done:
-    text: str  # the whole content
-    reasoning: str
-    tool_calls: List[dict]
-    structured: bool  # the model has reasoning / tool-call markers
-    finish_reason: str
-    usage: Usage
-    logprobs: Optional[List[dict]]
-
-
-@dataclasses.dataclass
-class Failed:
-    error: BackendError
-
-
-# How often a waiting gRPC handler checks that the engine is still alive.
-POLL_SECONDS = 0.5
-
-
-class RequestHandle:
-    """What a gRPC handler holds: the event queue and a cancel switch."""
-
-    def __init__(self, request: GenerationRequest, loaded: LoadedModel,
-                 engine_failure: Callable[[], Optional[str]] = lambda: None):
-        self.request = request
-        self.loaded = loaded  # the model the request was tokenized for
-        self.events: "queue.Queue" = queue.Queue()
-        self.uid: Optional[int] = None  # set once the request is in the batch
-        self.fault = faults.stage_of(request.correlation_id)
-        self._engine_failure = engine_failure
-        self._cancelled = threading.Event()
-
-    def cancel(self):
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def _next_event(self):
-        """The next event; never waits on an engine that has failed."""
-        while True:
-            try:
-                return self.events.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                failure = self._engine_failure()
-                if failure:
-                    raise Unavailable(f"the engine failed ({failure}); "
-                                      "restart the backend") from None
-
-    def __iter__(self):
-        """Yield Delta events, then one Done; raise the error of a Failed.
-
-        Deltas that piled up while the caller was busy come out merged, so a
-        slow reader costs one message per read rather than one per token.
-        """
-        held = None  # an event read while merging, handled next
-        while True:
-            event, held = (held or self._next_event()), None
-            while isinstance(event, Delta) and not self.events.empty():
-                following = self.events.get()
-                if not isinstance(following, Delta):
-                    held = following
-                    break
-                event = Delta(event.text + following.text,
-                              event.reasoning + following.reasoning,
-                              following.structured, following.usage)
-            if isinstance(event, Failed):
-                raise event.error
-            yield event
-            if isinstance(event, Done):
-                return
 
 
 @dataclasses.dataclass
@@ -140,7 +50,7 @@ class _Slot:
 
     handle: RequestHandle
     uid: int
-    text: TextStream
+    stop: StopRule
     parser: ResponseParser
     usage: Usage
     started: float
@@ -281,6 +191,25 @@ class Engine:
               cancelled: Callable[[], bool] = lambda: False) -> List[float]:
         return self.call(lambda: embed(self._require_loaded(loaded).model, tokens,
                                        self.settings.prefill_step_size, cancelled))
+
+    def memory(self) -> Dict[str, int]:
+        """Status's memory breakdown: MLX's allocator, the weights, and the
+        prompt cache with its counters (entries, hits, misses, evictions)."""
+        loaded, cache = self.loaded, self.prompt_cache
+        breakdown = {
+            "mlx_active": mx.get_active_memory(),
+            "mlx_peak": mx.get_peak_memory(),
+            "mlx_buffer_cache": mx.get_cache_memory(),
+            "weights": loaded.weights_bytes if loaded else 0,
+            "prompt_cache": cache.nbytes if cache is not None else 0,
+            "prompt_cache_entries": len(cache) if cache is not None else 0,
+        }
+        if cache is not None:
+            breakdown.update({f"prompt_cache_{key}": int(value)
+                              for key, value in cache.stats().items()
+                              if isinstance(value, (int, float)) and key not in
+                              ("entries", "nbytes", "bytes")})
+        return breakdown
 
     def shutdown(self, timeout: float = 10.0):
         """Unload and stop the thread, waiting at most `timeout` for an engine
@@ -554,17 +483,16 @@ class Engine:
             checkpoint_len = len(ckpt)
             segments = [tokens[cached:checkpoint_len], tokens[checkpoint_len:]]
         tokenizer = self.loaded.tokenizer
-        eos = [] if request.ignore_eos else [(t,) for t in tokenizer.eos_token_ids]
+        plan = plan_generation(request, tokenizer)
+        # Each request's sampler and processors are guarded: a fault in one
+        # is recorded and fails that request, never the batch step.
         errors: List[Exception] = []
-        sampler = make_sampler(request.sampling, len(tokenizer), list(tokenizer.eos_token_ids))
+        sampler = plan.sampler
         if sampler is not greedy_sampler:  # keep greedy rows batched together
             sampler = _guarded(sampler, errors)
-        processors = [_guarded(p, errors) for p in make_processors(request.sampling)]
-        if request.grammar is not None:
-            processors.append(_guarded(request.grammar.processor(), errors))
+        processors = [_guarded(p, errors) for p in plan.processors]
         if handle.fault == "decode":
             processors.append(_guarded(_fault_processor(handle.fault), errors))
-        text = TextStream(tokenizer, tokens[-4:], request.stop_strings)
         parser = ResponseParser(tokenizer, tokens, request.tools)
         (handle.uid,) = self._generator.insert_segments(
             [segments],
@@ -573,12 +501,12 @@ class Engine:
             all_tokens=[tokens[:cached]],
             samplers=[sampler],
             logits_processors=[processors],
-            stop_sequences=[StopSequences(eos)],
+            stop_sequences=[plan.stop.stop_sequences()],
         )
         log.info("request %s: %d prompt tokens, %d from the prompt cache",
                  request.correlation_id or handle.uid, len(tokens), cached)
         self._slots[handle.uid] = _Slot(
-            handle=handle, uid=handle.uid, text=text, parser=parser,
+            handle=handle, uid=handle.uid, stop=plan.stop, parser=parser,
             usage=Usage(prompt_tokens=len(tokens), cached_tokens=cached),
             started=started, checkpoint_len=checkpoint_len, errors=errors,
         )
@@ -629,30 +557,28 @@ class Engine:
         if slot.first_token_at is None:
             slot.first_token_at = now
             slot.usage.prompt_ms = (now - slot.started) * 1000
-        is_eos = response.finish_reason == "stop"  # our stop sequences are EOS tokens only
-        delta = ""
-        if not is_eos:
-            slot.usage.completion_tokens += 1
-            if slot.handle.request.logprobs:
-                faults.check(fault, "logprobs")
-                slot.logprobs.append(logprob_entry(
-                    self._token_bytes, response.token, response.logprobs,
-                    slot.handle.request.top_logprobs))
-            faults.check(fault, "detokenize")
-            delta = slot.text.add(response.token)
+        if slot.handle.request.logprobs and not slot.stop.is_eos(response.token):
+            faults.check(fault, "logprobs")
+            slot.logprobs.append(logprob_entry(
+                self._token_bytes, response.token, response.logprobs,
+                slot.handle.request.top_logprobs))
+        faults.check(fault, "detokenize")
+        delta = slot.stop.add(response.token)
+        slot.usage.completion_tokens = slot.stop.generated
         slot.usage.generation_ms = (now - slot.first_token_at) * 1000
         faults.check(fault, "stop")
-        if slot.text.stopped:
-            removed = self._generator.remove([slot.uid], return_prompt_caches=True)
-            cache, tokens = removed.get(slot.uid, (None, None))
-            self._finish(slot, delta, "stop", cache, tokens)
-        elif response.finish_reason is not None:
-            delta += slot.text.finish()
-            self._finish(slot, delta, response.finish_reason,
-                         response.prompt_cache, response.all_tokens)
-        else:
+        if slot.stop.reason is None and response.finish_reason is None:
             faults.check(fault, "parse")
             self._emit(slot, *slot.parser.feed(delta))
+            return
+        if slot.stop.reason is None:  # the generator's own budget; the rule's should match
+            slot.stop.end(response.finish_reason, "the batch generator")
+        if response.finish_reason is None:  # ended here, not by the generator: take it out
+            removed = self._generator.remove([slot.uid], return_prompt_caches=True)
+            cache, tokens = removed.get(slot.uid, (None, None))
+        else:
+            cache, tokens = response.prompt_cache, response.all_tokens
+        self._finish(slot, delta, cache, tokens)
 
     def _emit(self, slot: _Slot, content: str, reasoning: str):
         slot.content += content
@@ -661,7 +587,7 @@ class Engine:
             slot.handle.events.put(Delta(content, reasoning, slot.parser.enabled,
                                          dataclasses.replace(slot.usage)))
 
-    def _finish(self, slot: _Slot, delta: str, reason: str, cache, tokens):
+    def _finish(self, slot: _Slot, delta: str, cache, tokens):
         del self._slots[slot.uid]  # out of the batch already; a fault below fails only it
         faults.check(slot.handle.fault, "finish")
         self._insert_for(slot.handle, tokens, cache)
@@ -670,7 +596,11 @@ class Engine:
         # A tool call the model wrote malformed goes back as text, never lost.
         tail_content += slot.parser.rejected_text()
         self._emit(slot, content + tail_content, reasoning + tail_reasoning)
-        usage = slot.usage
+        usage, stop = slot.usage, slot.stop
+        log.info("request %s: finished (%s: %s), %d tokens at %.1f tok/s",
+                 slot.handle.request.correlation_id or slot.uid, stop.reason, stop.cause,
+                 usage.completion_tokens,
+                 usage.completion_tokens / max(usage.generation_ms / 1000, 1e-9))
         self.last_metrics = {
             "tokens_generated": usage.completion_tokens,
             "prompt_tokens_processed": usage.prompt_tokens - usage.cached_tokens,
@@ -679,7 +609,7 @@ class Engine:
         }
         slot.handle.events.put(Done(
             text=slot.content, reasoning=slot.reasoning, tool_calls=slot.parser.tool_calls(),
-            structured=slot.parser.enabled, finish_reason=reason, usage=usage,
+            structured=slot.parser.enabled, finish_reason=stop.reason, usage=usage,
             logprobs=slot.logprobs if slot.handle.request.logprobs else None))
 
 

@@ -170,23 +170,17 @@ class GrammarSpec:
     def vocab_size(self) -> int:
         return self.lltok.vocab_size
 
-    def processor(self, on_error: str = "raise") -> "GrammarProcessor":
+    def processor(self) -> "GrammarProcessor":
         """A fresh per-request logits processor (its own matcher).
 
-        on_error="raise": a token the grammar rejects (or a state where no
-        token may follow) raises `BackendError` from the processor call.
-        on_error="stop": record it in `processor.error` instead and allow only
-        EOS from then on, so the sequence ends at the next token; the caller
-        checks `processor.error` and fails the request. Raising inside
-        mlx-lm's `BatchGenerator` interrupts a step halfway (KV caches of the
-        whole batch already advanced), so an engine that keeps the batch going
-        after one request fails should use "stop".
+        A token the grammar rejects (or a state where no token may follow)
+        raises `BackendError` from the processor call; the engine's guard
+        around each request's processors turns that into a failure of that
+        request alone.
         """
-        if on_error not in ("raise", "stop"):
-            raise ValueError(f"on_error must be 'raise' or 'stop', not {on_error!r}")
         with self._lock:
             matcher = self._template.deep_copy()
-        return GrammarProcessor(self, matcher, on_error)
+        return GrammarProcessor(self, matcher)
 
 
 class GrammarProcessor:
@@ -196,24 +190,15 @@ class GrammarProcessor:
     into a reused buffer, expand it to one byte per token and add 0 / -inf.
     """
 
-    def __init__(self, spec: GrammarSpec, matcher, on_error: str = "raise"):
+    def __init__(self, spec: GrammarSpec, matcher):
         self.spec = spec
         self.matcher = matcher
-        self.on_error = on_error
-        self.error: Optional[BackendError] = None
         self._start: Optional[int] = None  # len(tokens) at the first call
         self._consumed = 0                 # generated tokens fed to the matcher
         words = (spec.vocab_size + 31) // 32
         self._bitmask = np.zeros(words, dtype=np.int32)
         self._inverted = np.zeros(words, dtype=np.int32)
         self._inverted_bytes = self._inverted.view(np.uint8)
-
-    @property
-    def generated(self) -> int:
-        return self._consumed
-
-    def is_accepting(self) -> bool:
-        return self.matcher.is_accepting()
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         n = int(tokens.size)
@@ -228,24 +213,14 @@ class GrammarProcessor:
             if new:
                 new_tokens = tokens.reshape(-1)[n - new:].tolist()
                 self._consumed += new
-                if self.error is None:
-                    self._consume(new_tokens)
-        if self.error is None:
-            # Let the forward pass run while the CPU computes the mask.
-            mx.async_eval(logits)
-            self._compute_mask()
+                self._consume(new_tokens)
+        # Let the forward pass run while the CPU computes the mask.
+        mx.async_eval(logits)
+        self._compute_mask()
         return self._apply(logits)
 
     def _fail(self, message: str):
-        self.error = BackendError(message)
-        if self.on_error == "raise":
-            raise self.error
-        # "stop": only EOS from now on.
-        words = self._bitmask.view(np.uint32)
-        words[:] = 0
-        for eos in self.spec.eos_ids:
-            if eos < words.shape[0] * 32:
-                words[eos >> 5] |= np.uint32(1 << (eos & 31))
+        raise BackendError(message)
 
     def _consume(self, new_tokens: List[int]):
         m = self.matcher
@@ -276,7 +251,7 @@ class GrammarProcessor:
         else:  # padded embedding: ids past the tokenizer are never allowed
             forbidden = np.concatenate(
                 [forbidden, np.ones(vocab - forbidden.shape[0], np.uint8)])
-        if forbidden.all() and self.error is None:
+        if forbidden.all():
             self._fail("grammar: no token can continue the output")
             return self._apply(logits)
         # 0 -> +0.0 and 1 -> -inf by bit pattern: an exact -inf bias made of

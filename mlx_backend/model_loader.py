@@ -67,19 +67,13 @@ def resolve_source(model: str, model_file: str = "", model_path: str = "") -> st
     raise NotFound(f"model not found: tried {', '.join(repr(t) for t in tried)}")
 
 
-def _is_gguf(path: str) -> bool:
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 def _model_folder(source: str, settings: ModelSettings) -> str:
     """GGUF files are imported to an MLX folder (cached); folders pass through."""
     if os.path.isfile(source):
-        if not _is_gguf(source):
+        from .gguf import GGUFImportError, import_gguf, is_gguf
+
+        if not is_gguf(source):
             raise LoadError(f"{source}: not a GGUF file (wrong magic) and not a model folder")
-        from .gguf_import import GGUFImportError, import_gguf
 
         def progress(done: int, total: int):
             if total >= 50 and done % max(total // 10, 1) == 0:

@@ -62,7 +62,6 @@ class TextStream:
         self._decoder = IncrementalDecoder(tokenizer, prompt_tail)
         self._stops = [s for s in stop_strings if s]
         self._pending = ""
-        self.text = ""  # everything released so far
         self.stopped = False
 
     def add(self, token: int) -> str:
@@ -87,7 +86,6 @@ class TextStream:
             keep = 0 if final else _held_back(self._pending, self._stops)
             split = len(self._pending) - keep
             out, self._pending = self._pending[:split], self._pending[split:]
-        self.text += out
         return out
 
 

@@ -9,7 +9,7 @@ default is 0 (greedy).
 import dataclasses
 import logging
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from . import chat
 from .errors import InvalidArgument
@@ -157,7 +157,8 @@ def build_request(opts, loaded) -> GenerationRequest:
     sampling = sampling_params(opts, settings, len(tokenizer))
     context = loaded.context_length
     budget = context - max(opts.Tokens, 1) if settings.context_overflow == "truncate" else None
-    tokens = chat.prompt_tokens(tokenizer, opts, budget)
+    prompt = chat.parse_prompt(opts)
+    tokens = chat.prompt_tokens(tokenizer, prompt, budget)
     if not tokens:
         raise InvalidArgument("the prompt encodes to zero tokens")
     if len(tokens) >= context:
@@ -171,7 +172,7 @@ def build_request(opts, loaded) -> GenerationRequest:
     _log_ignored(opts)
     checkpoint = None
     if settings.prompt_cache and chat.uses_template(opts):
-        checkpoint = chat.system_prefix_tokens(tokenizer, opts)
+        checkpoint = chat.system_prefix_tokens(tokenizer, prompt)
         if checkpoint is not None and tokens[:len(checkpoint)] != checkpoint:
             checkpoint = None  # the template renders the system turn differently in context
     return GenerationRequest(
@@ -183,7 +184,96 @@ def build_request(opts, loaded) -> GenerationRequest:
         logprobs=opts.Logprobs > 0 or opts.TopLogprobs > 0,
         top_logprobs=opts.TopLogprobs,
         grammar=_grammar(opts.Grammar, tokenizer),
-        tools=chat.parse_tools(opts.Tools) if opts.Tools else None,
+        tools=prompt.tools,
         checkpoint_tokens=checkpoint,
         correlation_id=opts.CorrelationId,
     )
+
+
+# ---- the other RPCs: each request checked here, the servicer only translates ----
+
+MAX_SCORE_CANDIDATES = 256
+MAX_SCORE_TOKENS = 65536  # all candidates together: Score runs between decode steps
+
+
+def attention_window(loaded) -> int:
+    """Most tokens one forward pass may hold: the context, or the rotating
+    KV window when `max_kv_size` is smaller."""
+    limit = loaded.settings.max_kv_size
+    return min(loaded.context_length, limit) if limit else loaded.context_length
+
+
+def _check_token_ids(tokens: Sequence[int], vocab_size: int, field: str) -> List[int]:
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgument(f"{field}: token ids outside the vocabulary "
+                              f"(0..{vocab_size - 1}): {bad[:10]}")
+    return list(tokens)
+
+
+def _check_fits(length: int, loaded, what: str):
+    window = attention_window(loaded)
+    if length > window:
+        raise InvalidArgument(f"{what} is {length} tokens, more than the {window} the model "
+                              f"can attend to (context / max_kv_size)")
+
+
+def tokenize_request(opts, loaded) -> List[int]:
+    """TokenizeString: the tokens a Predict with the same fields would feed."""
+    return chat.prompt_tokens(loaded.tokenizer, chat.parse_prompt(opts))
+
+
+def detokenize_request(request, loaded) -> List[int]:
+    return _check_token_ids(request.tokens, len(loaded.tokenizer), "tokens")
+
+
+@dataclasses.dataclass
+class ScoreRequest:
+    prompt_tokens: List[int]
+    candidates: List[List[int]]  # each candidate's tokens as they follow the prompt
+    include_token_logprobs: bool
+
+
+def _continuation(tokenizer, prompt_text, prompt, candidate, index):
+    """Tokens of `candidate` as they follow the prompt (joint tokenization when
+    it extends the prompt's tokens, else the candidate on its own)."""
+    if not candidate:
+        raise InvalidArgument(f"candidates[{index}] is empty")
+    joint = tokenizer.encode(prompt_text + candidate)
+    if joint[:len(prompt)] == prompt and len(joint) > len(prompt):
+        return joint[len(prompt):]
+    return tokenizer.encode(candidate, add_special_tokens=False)
+
+
+def score_request(request, loaded) -> ScoreRequest:
+    tokenizer = loaded.tokenizer
+    if not request.candidates:
+        raise InvalidArgument("Score needs at least one candidate")
+    if len(request.candidates) > MAX_SCORE_CANDIDATES:
+        raise InvalidArgument(f"Score takes at most {MAX_SCORE_CANDIDATES} candidates, "
+                              f"got {len(request.candidates)}: split the request")
+    prompt = tokenizer.encode(request.prompt)
+    if not prompt:
+        raise InvalidArgument("Score needs a prompt that encodes to at least one token")
+    candidates = [_continuation(tokenizer, request.prompt, prompt, c, i)
+                  for i, c in enumerate(request.candidates)]
+    _check_fits(len(prompt) + max(len(c) for c in candidates), loaded, "prompt + candidate")
+    total = sum(len(c) for c in candidates)
+    if total > MAX_SCORE_TOKENS:
+        raise InvalidArgument(f"the candidates are {total} tokens together, at most "
+                              f"{MAX_SCORE_TOKENS} per Score call: split the request")
+    return ScoreRequest(prompt, candidates, request.include_token_logprobs)
+
+
+def embedding_request(opts, loaded) -> List[int]:
+    """The tokens to embed: EmbeddingTokens, else Embeddings (or Prompt) encoded."""
+    text = opts.Embeddings or opts.Prompt
+    if opts.EmbeddingTokens:
+        tokens = _check_token_ids(opts.EmbeddingTokens, len(loaded.tokenizer),
+                                  "EmbeddingTokens")
+    else:
+        tokens = loaded.tokenizer.encode(text) if text else []
+    if not tokens:
+        raise InvalidArgument("Embedding needs Embeddings, Prompt or EmbeddingTokens")
+    _check_fits(len(tokens), loaded, "the input")
+    return tokens

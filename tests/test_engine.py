@@ -3,7 +3,8 @@ that request alone while its batch neighbours finish with their solo tokens."""
 
 import pytest
 
-from mlx_backend.engine import Done, Engine
+from mlx_backend.engine import Engine
+from mlx_backend.events import Done
 from mlx_backend.errors import BackendError
 from mlx_backend.request import GenerationRequest
 from mlx_backend.sampling import SamplingParams

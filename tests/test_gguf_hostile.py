@@ -20,7 +20,7 @@ from gguf import GGUFValueType as VT
 
 import backend_pb2
 from conftest import predict
-from mlx_backend.gguf_import import GGUFImportError, import_gguf
+from mlx_backend.gguf import GGUFImportError, import_gguf
 
 import gguf_fixtures as fx
 

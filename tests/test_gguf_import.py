@@ -12,8 +12,8 @@ from gguf import GGMLQuantizationType as QT
 
 import mlx.core as mx
 
-from mlx_backend import gguf_import
-from mlx_backend.gguf_import import GGUFImportError, import_gguf
+from mlx_backend.gguf import GGUFImportError, MARKER_NAME, import_gguf, reader, repack
+from mlx_backend.gguf.architecture import llama3_factors
 
 import gguf_fixtures as fx
 
@@ -126,7 +126,7 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
     spec = fx.Spec(hidden=256, heads=2, kv_heads=2, rope_base=10000.0)
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    factors = gguf_import._llama3_factors(scaling, spec.hd, spec.rope_base)
+    factors = llama3_factors(scaling, spec.hd, spec.rope_base)
     assert factors.max() == 8.0 and factors.min() == 1.0
     fixture = fx.write_gguf(tmp_path / "m.gguf", spec, rope_factors=factors)
     folder = import_gguf(fixture.path, tmp_path / "cache")
@@ -218,15 +218,15 @@ def test_sentencepiece_tokenizer(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def _count_calls(monkeypatch, name):
+def _count_calls(monkeypatch, module, name):
     calls = []
-    original = getattr(gguf_import, name)
+    original = getattr(module, name)
 
     def counting(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(gguf_import, name, counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
 
 
@@ -236,11 +236,11 @@ def test_cache_reused_without_reading_tensors(tmp_path, monkeypatch):
     progress = []
     first = import_gguf(fixture.path, cache, progress=lambda d, t: progress.append((d, t)))
     assert progress[-1][0] == progress[-1][1] > 0
-    reads = _count_calls(monkeypatch, "read_gguf")
-    converts = _count_calls(monkeypatch, "convert_tensor")
+    reads = _count_calls(monkeypatch, reader, "read_gguf")
+    converts = _count_calls(monkeypatch, repack, "convert_tensor")
     again = import_gguf(fixture.path, cache)
     assert again == first and not reads and not converts
-    assert (first / gguf_import.MARKER_NAME).is_file()
+    assert (first / MARKER_NAME).is_file()
     stat = fixture.path.stat()
     os.utime(fixture.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
     changed = import_gguf(fixture.path, cache)
@@ -258,7 +258,7 @@ def test_cache_root_from_environment(tmp_path, monkeypatch):
 def test_failure_leaves_no_partial_folder(tmp_path, monkeypatch):
     fixture = fx.write_gguf(tmp_path / "m.gguf")
     cache = tmp_path / "cache"
-    original = gguf_import.convert_tensor
+    original = repack.convert_tensor
     calls = []
 
     def failing(*args):
@@ -267,12 +267,12 @@ def test_failure_leaves_no_partial_folder(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return original(*args)
 
-    monkeypatch.setattr(gguf_import, "convert_tensor", failing)
+    monkeypatch.setattr(repack, "convert_tensor", failing)
     with pytest.raises(GGUFImportError, match="disk full") as err:
         import_gguf(fixture.path, cache)
     assert str(fixture.path) in str(err.value)
     assert list(cache.iterdir()) == []
-    monkeypatch.setattr(gguf_import, "convert_tensor", original)
+    monkeypatch.setattr(repack, "convert_tensor", original)
     assert _is_loadable(import_gguf(fixture.path, cache))
 
 

@@ -10,6 +10,9 @@ Supported vocabularies:
   llama.cpp's ``llm_tokenizer_bpe`` for the ``tokenizer.ggml.pre`` name.
 - ``llama`` (SentencePiece BPE with scores and ``<0xNN>`` byte fallback):
   merges are derived from the scores, as transformers does for SentencePiece.
+
+``architecture.plan_import`` calls ``build_tokenizer_files`` and reports a
+``TokenizerBuildError`` as ``GGUFImportError`` naming the file.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ _DEFAULT = (
 )
 
 # Pre-tokenizer name -> (regexes applied in turn, ignore_merges, add_bos default,
-# clean_up_tokenization_spaces), mirroring llama-vocab.cpp.
+# clean_up_tokenization_spaces), mirroring llama.cpp's vocabulary code.
 _PRE_TOKENIZERS: Dict[str, tuple] = {}
 
 
