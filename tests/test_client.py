@@ -4,7 +4,7 @@ default model and streams an answer."""
 import subprocess
 import sys
 
-from conftest import ROOT, free_port
+from mlx_backend.server_process import ROOT, free_port
 
 
 def test_demo_streams_an_answer():

@@ -1,0 +1,174 @@
+"""The report: a header about the machine and model, the table of measurements
+against their targets, errors and warnings, and the JSON of the whole run."""
+
+import json
+from pathlib import Path
+
+TARGETS = {
+    "overhead": "server/raw >= 0.90",
+    "scaling": "16-stream >= 5x 1-stream",
+    "ttft_load": "<= 3x idle",
+    "health_p95": "p95 < 50 ms",
+    "cache_ratio": "warm/cold <= 0.2",
+    "cache_bound": "bytes <= budget",
+}
+
+
+def fmt(value, spec=".1f", unit=""):
+    if value is None:
+        return "n/a"
+    return f"{value:{spec}}{unit}"
+
+
+def mb(n):
+    return None if n is None else n / 2**20
+
+
+def fmt_load(values):
+    return "n/a" if not values else "/".join(f"{x:.1f}" for x in values)
+
+
+def verdict(ok):
+    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def table(result) -> str:
+    M = result["measurements"]
+    errors = result.get("errors", {})
+    rows = []
+
+    def row(num, name, measured, target="", ok=None):
+        rows.append((num, name, measured, target, "" if ok == "" else verdict(ok)))
+
+    def err(key, num, name):
+        if key not in M and key not in errors:
+            return True  # phase not run (--only)
+        if key in errors:
+            row(num, name, "ERROR: " + errors[key][:60], "", "")
+            return True
+        return False
+
+    o = M.get("overhead", {})
+    if not err("overhead", "1", "server overhead"):
+        row("1", "decode tok/s, 1 stream via gRPC PredictStream", fmt(o.get("server_tps")), "", "")
+        row("", "decode tok/s, raw mlx_lm.stream_generate", fmt(o.get("raw_tps")), "", "")
+        row("", "server / raw", fmt(o.get("ratio"), ".2f"), TARGETS["overhead"], o.get("pass"))
+        row("", "  median of back-to-back pairs' server/raw",
+            fmt(o.get("ratio_paired_median"), ".2f"), "", "")
+    c = M.get("concurrency", {})
+    if not err("concurrency", "2", "concurrency"):
+        for n, lv in c.get("levels", {}).items():
+            row("2" if n == "1" else "", f"aggregate decode tok/s, {n} stream{'s' * (n != '1')}",
+                fmt(lv["aggregate_tps"]), "", "")
+        row("", "16 streams / 1 stream", fmt(c.get("ratio_16_to_1"), ".2f", "x"),
+            TARGETS["scaling"], c.get("pass"))
+        if c.get("raw_batch_top_tps") is not None:
+            row("", "  context: same 16 prompts, raw mlx-lm BatchGenerator",
+                fmt(c["raw_batch_top_tps"]), "", "")
+            row("", "  context: server / raw BatchGenerator at 16",
+                fmt(c.get("server_vs_raw_batch_top"), ".2f"), "", "")
+    t = M.get("ttft_load", {})
+    if not err("ttft_load", "3", "TTFT under load"):
+        row("3", f"TTFT idle, cold {t.get('probe_prompt_tokens')}-token prompt",
+            fmt(t.get("idle_ttft_s") and t["idle_ttft_s"] * 1000, ".0f", " ms"), "", "")
+        row("", "TTFT of the same while 8 streams decode",
+            fmt(t.get("loaded_ttft_s") and t["loaded_ttft_s"] * 1000, ".0f", " ms"), "", "")
+        row("", "under load / idle", fmt(t.get("ratio"), ".2f", "x"), TARGETS["ttft_load"],
+            t.get("pass"))
+        row("", "  all probes cold (GetMetrics processed = prompt)",
+            {True: "yes", False: "NO", None: "n/a"}[t.get("all_cold")], "", "")
+    h = M.get("health", {})
+    if "concurrency" not in errors and h:
+        row("4", "Health p50 / p95 while 16 streams decode",
+            f"{fmt(h.get('health_p50_ms'))} / {fmt(h.get('health_p95_ms'))} ms",
+            TARGETS["health_p95"], h.get("pass"))
+        row("", "  Health p99 / max, samples",
+            f"{fmt(h.get('health_p99_ms'))} / {fmt(h.get('health_max_ms'))} ms, "
+            f"{h.get('health_samples')}", "", "")
+    p = M.get("prompt_cache", {})
+    if not err("prompt_cache", "5", "prompt cache"):
+        row("5", f"TTFT cold, {fmt(p.get('prefix_tokens'), '.0f')}-token prefix + suffix",
+            fmt(p.get("cold_ttft_s") and p["cold_ttft_s"] * 1000, ".0f", " ms"), "", "")
+        row("", "TTFT warm (prefix cached)",
+            fmt(p.get("warm_ttft_s") and p["warm_ttft_s"] * 1000, ".0f", " ms"), "", "")
+        row("", "warm / cold (client TTFT)", fmt(p.get("ratio"), ".3f"), TARGETS["cache_ratio"],
+            p.get("pass"))
+        row("", "warm / cold (server timing_prompt_processing)",
+            f"{fmt(p.get('ratio_server'), '.3f')} ({fmt(p.get('warm_server_prompt_ms'), '.0f')}"
+            f" / {fmt(p.get('cold_server_prompt_ms'), '.0f')} ms)", "", "")
+        row("", "prompt tokens processed cold / warm",
+            f"{fmt(p.get('cold_processed'), '.0f')} / {fmt(p.get('warm_processed'), '.0f')}"
+            f" of {fmt(p.get('prompt_tokens'), '.0f')}", "", "")
+    b = M.get("cache_bound", {})
+    if not err("cache_bound", "6", "prompt cache bound"):
+        cps = ", ".join(f"{cp['requests']}: {cp['bytes'] / 2**20:.2f} MiB/{cp['entries']}"
+                        for cp in b.get("checkpoints", []))
+        row("6", "cache MiB/entries after N requests", cps or "n/a", "", "")
+        row("", "peak cache bytes (Status polled 40/s) / budget",
+            f"{fmt(mb(b.get('peak_bytes')), '.2f')} / {fmt(mb(b.get('budget_bytes')), '.2f')} "
+            f"MiB, {b.get('peak_entries')} entries", TARGETS["cache_bound"], b.get("pass"))
+    lt = M.get("load_time", {})
+    if not err("load_time", "7", "load time"):
+        if lt.get("model_is_gguf"):
+            row("7", "LoadModel, first (GGUF import, fresh cache dir)",
+                fmt(lt.get("first_s"), ".2f", " s"), "", "")
+            row("", "LoadModel, cached (new server, same cache dir)",
+                fmt(lt.get("cached_s"), ".2f", " s"), "", "")
+        else:
+            row("7", "LoadModel (model folder; no GGUF import)",
+                fmt(lt.get("folder_s"), ".2f", " s"), "", "")
+    widths = [max(len(str(r[i])) for r in rows + [("#", "measurement", "measured", "target",
+                                                      "")]) for i in range(5)]
+    lines = []
+    header = ("#", "measurement", "measured", "target", "")
+    for r in [header] + rows:
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+        if r is header:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def header(result) -> str:
+    mach = result["machine"]
+    server = result.get("server", {})
+    raw = result.get("raw", {})
+    v = mach["versions"]
+    lines = [
+        f"MLX backend benchmark {result['timestamp']}"
+        f" ({'quick' if result['config']['quick'] else 'full'} run, "
+        f"{result.get('wall_s', 0):.0f} s)",
+        f"model:   {result['model_label']} ({server.get('weight_format', '?')})",
+        f"device:  {server.get('device', '?')}; BLAS (server log): {server.get('blas', 'n/a')}; "
+        f"raw baseline BLAS: {raw.get('blas', 'n/a')}",
+        f"machine: {mach['cpu_model']}, {mach['cpu_cores']} cores "
+        f"({mach['cpu_cores_usable']} usable), "
+        f"{fmt(mach['memory_bytes'] and mach['memory_bytes'] / 2**30, '.0f', ' GiB')}"
+        + (f", GPU {mach['nvidia_gpu']}" if mach.get("nvidia_gpu") else ""),
+        f"versions: mlx {v.get('mlx')}, mlx-lm {v.get('mlx-lm')}, grpcio {v.get('grpcio')}; "
+        f"load average at start {fmt_load(result.get('load_average_start'))}, "
+        f"end {fmt_load(result.get('load_average_end'))}",
+    ]
+    return "\n".join(lines)
+
+
+def text(result) -> str:
+    """Header, table, then errors and warnings: what run.py prints."""
+    out = header(result) + "\n\n" + result["table"]
+    if result["errors"]:
+        out += "\n\nerrors:\n" + "\n".join(f"  {k}: {v}" for k, v in result["errors"].items())
+    warnings = [f"  {k}: {v['warning']}" for k, v in result["measurements"].items()
+                if isinstance(v, dict) and v.get("warning")]
+    aborted = [name for name, e in result.get("server_exits", {}).items() if e["aborted"]]
+    if aborted:
+        warnings.append(f"  servers that did not exit cleanly on SIGTERM: {', '.join(aborted)} "
+                        "(see their logs)")
+    if warnings:
+        out += "\n\nwarnings:\n" + "\n".join(warnings)
+    return out
+
+
+def write_json(result, folder: Path, stamp: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stamp}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path
