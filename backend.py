@@ -253,8 +253,11 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     @grpc_errors
     def GetMetrics(self, request, context):
         metrics = self.engine.last_metrics
+        cache = self.engine.prompt_cache
         return backend_pb2.MetricsResponse(
             slot_id=0,
+            # No field of its own: the prompt cache's counters ride here as JSON.
+            prompt_json_for_slot=json.dumps({"prompt_cache": cache.stats()}) if cache else "",
             tokens_per_second=metrics.get("tokens_per_second", 0.0),
             tokens_generated=metrics.get("tokens_generated", 0),
             prompt_tokens_processed=metrics.get("prompt_tokens_processed", 0),

@@ -13,6 +13,7 @@ inserted back under exactly the tokens it holds.
 
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import gc
 import itertools
@@ -27,17 +28,17 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
 
-from mlx_cache import ThreadSafeLRUPromptCache
-
 from . import faults
 from .errors import BackendError, Cancelled, FailedPrecondition, ResourceExhausted, Unavailable
-from .model_loader import LoadedModel, load_model
-from .options import ModelSettings, parse_options
 from .events import POLL_SECONDS, Delta, Done, Failed, RequestHandle, Usage
 from .generation import StopRule, plan_generation
+from .model_loader import LoadedModel, load_model
+from .options import ModelSettings, parse_options
 from .output import TokenBytes, logprob_entry
-from .response_parser import ResponseParser
+from .prompt_cache import ThreadSafeLRUPromptCache
+from .prompt_store import PromptStore, model_identity
 from .request import GenerationRequest
+from .response_parser import ResponseParser
 from .sampling import greedy_sampler
 from .scoring import embed, score_candidates
 
@@ -92,6 +93,29 @@ def _compact(cache):
             layer.keys = mx.contiguous(keys[..., :layer.offset, :])
             layer.values = mx.contiguous(layer.values[..., :layer.offset, :])
     mx.eval([layer.state for layer in cache])
+
+
+def _kv_prefix(cache, keep: int):
+    """A new cache holding the first `keep` positions of `cache`, copying only
+    those (a longer prompt-cache match, or a copy of a pinned checkpoint)."""
+    if not all(type(layer) is KVCache for layer in cache):  # rotating, quantized, ...
+        copied = copy.deepcopy(cache)
+        trim_prompt_cache(copied, _kv_length(copied) - keep)
+        return copied
+    out = []
+    for layer in cache:
+        fresh = KVCache()
+        fresh.keys = mx.contiguous(layer.keys[..., :keep, :])
+        fresh.values = mx.contiguous(layer.values[..., :keep, :])
+        fresh.offset = keep
+        out.append(fresh)
+    mx.eval([layer.state for layer in out])
+    return out
+
+
+# A longer match copies part of a stored cache; below this many tokens the
+# copy is not worth making (computing two tokens costs about what copying does).
+MIN_LONGER_KEEP = 2
 
 
 def _cache_nbytes(cache) -> int:
@@ -368,14 +392,21 @@ class Engine:
             max_size=settings.max_cache_entries,
             can_trim_fn=can_trim_prompt_cache,
             trim_fn=trim_prompt_cache,
+            slice_fn=_kv_prefix,
             max_bytes=max_bytes,
             nbytes_fn=_cache_nbytes,
+            min_longer_keep=MIN_LONGER_KEEP,
+            count_keys=True,
         )
         self.settings = settings
         self.loaded = loaded
         self._model_key = (loaded.source, next(self._model_keys))
+        self._identity = model_identity(loaded)
+        self._stores = {}
         self._token_bytes = TokenBytes(loaded.tokenizer)
         self._reset_generator()
+        if settings.prompt_cache_path and settings.prompt_cache:
+            self._store(settings.prompt_cache_path)
         return loaded
 
     def _require_loaded(self, expected: LoadedModel) -> LoadedModel:
@@ -448,19 +479,41 @@ class Engine:
                 cache, rest = None, tokens
         return cache, rest
 
-    def insert_cache(self, tokens: List[int], cache):
+    def insert_cache(self, tokens: List[int], cache, pinned: bool = False) -> bool:
         if not self.settings.prompt_cache or not tokens or not cache:
-            return
+            return False
         if _kv_length(cache) != len(tokens):
             log.error("not caching: KV holds %s positions for %d tokens",
                       _kv_length(cache), len(tokens))
-            return
+            return False
         _compact(cache)
-        self.prompt_cache.insert_cache(self._model_key, list(tokens), cache)
+        self.prompt_cache.insert_cache(self._model_key, list(tokens), cache, pinned=pinned)
+        return True
 
-    def _insert_for(self, handle: RequestHandle, tokens, cache):
+    def _insert_for(self, handle: RequestHandle, tokens, cache, checkpoint: bool = False):
+        """Cache a request's KV state; save it to the request's prompt cache
+        folder too when it is a checkpoint (or every turn, with PromptCacheAll)."""
         faults.check(handle.fault, "cache_insert")
-        self.insert_cache(tokens, cache)
+        request = handle.request
+        if not self.insert_cache(tokens, cache, pinned=checkpoint):
+            return
+        if request.cache_path and not request.cache_read_only \
+                and (checkpoint or request.cache_all):
+            self._store(request.cache_path).save(list(tokens), cache)
+
+    def _store(self, folder: str) -> PromptStore:
+        """The prompt cache folder at `folder`; its saved caches join the
+        in-memory cache the first time it is named."""
+        store = self._stores.get(folder)
+        if store is None:
+            store = self._stores[folder] = PromptStore(
+                folder, self._identity, self.settings.prompt_cache_disk_bytes)
+            loaded = 0
+            for tokens, cache in store.load(budget=self.prompt_cache.max_bytes or 2**62):
+                self.prompt_cache.insert_cache(self._model_key, tokens, cache, pinned=True)
+                loaded += 1
+            log.info("prompt cache folder %s: %d saved prompts loaded", folder, loaded)
+        return store
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -474,6 +527,8 @@ class Engine:
         tokens = request.prompt_tokens
         started = time.perf_counter()
         faults.check(handle.fault, "cache_fetch")
+        if request.cache_path and self.settings.prompt_cache:
+            self._store(request.cache_path)
         cache, rest = self.fetch_cache(tokens)
         cached = len(tokens) - len(rest)
         segments = [rest]
@@ -548,7 +603,7 @@ class Engine:
         slot.checkpoint_len = 0
         if extracted:
             cache, tokens = extracted
-            self._insert_for(slot.handle, list(tokens), cache)
+            self._insert_for(slot.handle, list(tokens), cache, checkpoint=True)
 
     def _on_token(self, slot: _Slot, response):
         fault = slot.handle.fault

@@ -55,6 +55,8 @@ class ModelSettings:
     max_cache_entries: int = 64
     cache_bytes: Optional[int] = None  # None: derived from available memory
     max_kv_size: Optional[int] = None  # rotating KV window; None = unbounded
+    prompt_cache_path: Optional[str] = None  # saved caches, found again after a restart
+    prompt_cache_disk_bytes: int = 4 * 2**30  # budget of each prompt cache folder
     # Engine.
     max_batch_size: int = 16
     prefill_batch_size: int = 8
@@ -85,9 +87,10 @@ class ModelSettings:
 
 
 _ALIASES = {"cache_size": "max_cache_entries", "batch_size": "max_batch_size"}
-_BYTE_KEYS = {"cache_bytes"}
+_BYTE_KEYS = {"cache_bytes", "prompt_cache_disk_bytes"}
 # Settings whose default is None, by the kind of value they take.
 _KINDS = {"max_kv_size": int, "context_size": int, "dequantize": bool,
+          "prompt_cache_path": str,
           "gguf_cache_dir": str, "gguf_requant_bits": int, "seed": int}
 
 
@@ -141,7 +144,7 @@ _INT_LIMITS = {
     "max_cache_entries": 2**20, "max_batch_size": 4096, "prefill_batch_size": 4096,
     "prefill_step_size": 2**20, "max_queue": 2**20, "max_tokens": 2**31,
     "repeat_last_n": 2**20, "max_kv_size": 2**31, "context_size": 2**31,
-    "cache_bytes": 2**50,
+    "cache_bytes": 2**50, "prompt_cache_disk_bytes": 2**50,
 }
 
 
@@ -166,6 +169,7 @@ def _validate(s: ModelSettings):
         ("xtc_threshold", 0 <= s.xtc_threshold <= 0.5),
         ("seed", s.seed is None or -1 <= s.seed < 2**64),
         ("cache_bytes", s.cache_bytes is None or s.cache_bytes >= 0),
+        ("prompt_cache_disk_bytes", s.prompt_cache_disk_bytes >= 0),
         ("max_kv_size", s.max_kv_size is None or s.max_kv_size >= 1),
         ("context_size", s.context_size is None or s.context_size >= 1),
         ("context_overflow", s.context_overflow in ("error", "truncate")),

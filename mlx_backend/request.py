@@ -24,8 +24,7 @@ MAX_STOP_STRINGS = 64
 # PredictOptions fields MLX cannot honour: logged when a request sets them.
 _UNSUPPORTED = ("Mirostat", "MirostatETA", "MirostatTAU", "TailFreeSamplingZ", "TypicalP",
                 "NegativePrompt", "NegativePromptScale", "NDraft", "RopeFreqBase",
-                "RopeFreqScale", "PenalizeNL", "Images", "Videos", "Audios",
-                "PromptCachePath", "PromptCacheRO")
+                "RopeFreqScale", "PenalizeNL", "Images", "Videos", "Audios")
 
 
 @dataclasses.dataclass
@@ -40,6 +39,9 @@ class GenerationRequest:
     grammar: Optional[object] = None  # a compiled grammar.GrammarSpec
     tools: Optional[list] = None  # OpenAI tool definitions, for tool-call parsing
     checkpoint_tokens: Optional[List[int]] = None  # a prefix worth caching on its own
+    cache_path: str = ""  # a folder of saved prompt caches (PromptCachePath)
+    cache_read_only: bool = False  # PromptCacheRO: use saved caches, write none
+    cache_all: bool = False  # PromptCacheAll: also save finished turns
     correlation_id: str = ""
 
 
@@ -186,6 +188,9 @@ def build_request(opts, loaded) -> GenerationRequest:
         grammar=_grammar(opts.Grammar, tokenizer),
         tools=prompt.tools,
         checkpoint_tokens=checkpoint,
+        cache_path=opts.PromptCachePath or settings.prompt_cache_path or "",
+        cache_read_only=opts.PromptCacheRO,
+        cache_all=opts.PromptCacheAll,
         correlation_id=opts.CorrelationId,
     )
 

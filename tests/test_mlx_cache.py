@@ -1,4 +1,4 @@
-"""Tests for mlx_cache.ThreadSafeLRUPromptCache (contract: shared/PROMPT_CACHE.md).
+"""Tests for mlx_cache.ThreadSafeLRUPromptCache: the lookup rules in its docstring.
 
 Caches here are plain Python objects: the container must not care what it holds.
 """
@@ -53,19 +53,13 @@ def make(max_size=10, hooks=True, **kw):
 
 
 def check_internal_accounting(cache):
-    """Trie, LRU and byte counter describe the same set of entries."""
+    """Per-model tables, LRU and byte counter describe the same set of entries."""
     reachable = {}
-    for model, root in cache._tries.items():
-        stack = [(root, ())]
-        while stack:
-            node, path = stack.pop()
-            if node.entry is not None:
-                reachable[(model, path)] = node.entry
-            # no dead branches: every non-root node leads to an entry
-            if path and node.entry is None:
-                assert node.children, f"dead trie node at {model!r} {path}"
-            for tok, child in node.children.items():
-                stack.append((child, path + (tok,)))
+    for model, entries in cache._models.items():
+        assert entries, f"empty table left for {model!r}"
+        for key, entry in entries.items():
+            assert entry.key == key and entry.tokens.tobytes() == key
+            reachable[(model, key)] = entry
     assert set(reachable) == set(cache._lru)
     assert all(reachable[k] is cache._lru[k] for k in reachable)
     assert len(cache) == len(reachable)
@@ -74,6 +68,11 @@ def check_internal_accounting(cache):
     stats = cache.stats()
     assert stats["entries"] == len(reachable)
     assert stats["bytes"] == cache.nbytes
+
+
+def lru(cache):
+    """(model, tokens) of every entry, least recently used first."""
+    return cache.keys()
 
 
 # --------------------------------------------------------------- match kinds
@@ -225,7 +224,7 @@ def test_empty_insert_is_ignored():
     cache = make()
     cache.insert_cache("m", [], Payload([]))
     assert len(cache) == 0
-    assert cache._tries == {}
+    assert cache._models == {}
 
 
 # ----------------------------------------------------------------- ownership
@@ -248,10 +247,10 @@ def test_count_two_entry_gives_copy_then_original():
     cache.insert_cache("m", [1, 2, 3], p)
     cache.insert_cache("m", [1, 2, 3], Payload([1, 2, 3]))  # dropped, count -> 2
     assert len(cache) == 1
-    assert cache._lru[("m", (1, 2, 3))].count == 2
+    assert cache.count("m", (1, 2, 3)) == 2
     first, _ = cache.fetch_nearest_cache("m", [1, 2, 3])
     assert first is not p and first.uid == p.uid
-    assert cache._lru[("m", (1, 2, 3))].count == 1
+    assert cache.count("m", (1, 2, 3)) == 1
     first.tokens.append(99)  # the copy is private: the stored one is unaffected
     second, _ = cache.fetch_nearest_cache("m", [1, 2, 3])
     assert second is p and p.tokens == [1, 2, 3]
@@ -268,7 +267,7 @@ def test_eviction_past_max_size_drops_least_recently_used():
     cache.insert_cache("m", [2, 2], Payload([2, 2]))
     cache.insert_cache("m", [3, 3], Payload([3, 3]))
     assert len(cache) == 2
-    assert set(cache._lru) == {("m", (2, 2)), ("m", (3, 3))}
+    assert set(lru(cache)) == {("m", (2, 2)), ("m", (3, 3))}
     assert cache.stats()["evictions"] == 1
     check_internal_accounting(cache)
 
@@ -280,7 +279,7 @@ def test_fetch_refreshes_recency():
     cache.insert_cache("m", [2, 2], Payload([2, 2]))
     cache.fetch_nearest_cache("m", [1, 1])  # [1, 1] is now most recent
     cache.insert_cache("m", [3, 3], Payload([3, 3]))
-    assert set(cache._lru) == {("m", (1, 1)), ("m", (3, 3))}
+    assert set(lru(cache)) == {("m", (1, 1)), ("m", (3, 3))}
 
 
 def test_longer_fetch_refreshes_recency():
@@ -290,7 +289,7 @@ def test_longer_fetch_refreshes_recency():
     got, _ = cache.fetch_nearest_cache("m", [1, 2, 9])
     assert got is not None
     cache.insert_cache("m", [6, 6], Payload([6, 6]))
-    assert set(cache._lru) == {("m", (1, 2, 3)), ("m", (6, 6))}
+    assert set(lru(cache)) == {("m", (1, 2, 3)), ("m", (6, 6))}
 
 
 def test_reinsert_refreshes_recency():
@@ -299,7 +298,7 @@ def test_reinsert_refreshes_recency():
     cache.insert_cache("m", [2, 2], Payload([2, 2]))
     cache.insert_cache("m", [1, 1], Payload([1, 1]))
     cache.insert_cache("m", [3, 3], Payload([3, 3]))
-    assert set(cache._lru) == {("m", (1, 1)), ("m", (3, 3))}
+    assert set(lru(cache)) == {("m", (1, 1)), ("m", (3, 3))}
 
 
 # --------------------------------------------------------- models, clear, len
@@ -351,10 +350,10 @@ def test_byte_budget_evicts_least_recently_used():
     cache.insert_cache("m", [2, 2], Payload([2, 2], size=4))
     assert cache.nbytes == 8
     cache.insert_cache("m", [3, 3], Payload([3, 3], size=4))
-    assert set(cache._lru) == {("m", (2, 2)), ("m", (3, 3))}
+    assert set(lru(cache)) == {("m", (2, 2)), ("m", (3, 3))}
     assert cache.nbytes == 8
     cache.insert_cache("m", [4, 4], Payload([4, 4], size=10))
-    assert set(cache._lru) == {("m", (4, 4))}
+    assert set(lru(cache)) == {("m", (4, 4))}
     assert cache.nbytes == 10
     assert cache.stats()["evictions"] == 3
     check_internal_accounting(cache)
@@ -364,7 +363,7 @@ def test_oversized_entry_is_not_kept():
     cache = make(max_bytes=10, nbytes_fn=lambda p: p.size)
     cache.insert_cache("m", [1, 1], Payload([1, 1], size=4))
     cache.insert_cache("m", [2, 2], Payload([2, 2], size=11))
-    assert set(cache._lru) == {("m", (1, 1))}
+    assert set(lru(cache)) == {("m", (1, 1))}
     assert cache.nbytes == 4
     assert cache.stats()["evictions"] == 1
     assert cache.fetch_nearest_cache("m", [2, 2]) == (None, [2, 2])
@@ -401,7 +400,7 @@ def test_bytes_consistent_after_hand_outs_and_evictions():
     cache.insert_cache("m", [5, 6], Payload([5, 6], size=5))
     cache.insert_cache("m", [7, 8], Payload([7, 8], size=5))  # evicts [3, 4]
     assert cache.nbytes == 10
-    assert set(cache._lru) == {("m", (5, 6)), ("m", (7, 8))}
+    assert set(lru(cache)) == {("m", (5, 6)), ("m", (7, 8))}
     check_internal_accounting(cache)
 
 
@@ -629,8 +628,8 @@ def test_matches_reference_model(ops, max_size, max_bytes):
             cache.clear()
             ref.entries.clear()
             ref.lru.clear()
-        assert list(cache._lru) == ref.lru
-        assert {k: e.count for k, e in cache._lru.items()} == {
+        assert lru(cache) == ref.lru
+        assert {k: cache.count(*k) for k in lru(cache)} == {
             k: v[1] for k, v in ref.entries.items()
         }
         assert cache.nbytes == ref.nbytes()
@@ -639,3 +638,90 @@ def test_matches_reference_model(ops, max_size, max_bytes):
     stats = cache.stats()
     for name, n in expected_counts.items():
         assert stats[name] == n
+
+
+# ------------------------------------------------------------ at scale
+
+
+def test_pinned_checkpoint_is_copied_and_stays():
+    cache = make()
+    checkpoint = Payload([1, 2, 3])
+    cache.insert_cache("m", [1, 2, 3], checkpoint, pinned=True)
+    for conversation in range(5):
+        got, rest = cache.fetch_nearest_cache("m", [1, 2, 3, 10 + conversation])
+        assert got is not checkpoint and got.uid == checkpoint.uid and rest == [10 + conversation]
+        got.tokens.append(99)  # private: the stored checkpoint is unaffected
+    assert checkpoint.tokens == [1, 2, 3] and len(cache) == 1
+    assert cache.stats()["hits_shorter"] == 5 and cache.stats()["tokens_saved"] == 15
+
+
+def test_longer_match_slices_only_the_kept_prefix():
+    sliced = []
+
+    def slice_fn(p, keep):
+        sliced.append(keep)
+        return Payload(p.tokens[:keep])
+
+    cache = ThreadSafeLRUPromptCache(10, can_trim, None, slice_fn=slice_fn)
+    cache.insert_cache("m", list(range(100)), Payload(range(100)))
+    got, rest = cache.fetch_nearest_cache("m", [0, 1, 2, 7])
+    assert sliced == [3] and got.tokens == [0, 1, 2] and rest == [7]
+    assert len(cache) == 1  # the stored entry stays
+
+
+def test_a_longer_match_keeping_too_little_is_a_miss():
+    cache = ThreadSafeLRUPromptCache(10, can_trim, trim, min_longer_keep=2)
+    cache.insert_cache("m", [1, 2, 3], Payload([1, 2, 3]))
+    assert cache.fetch_nearest_cache("m", [1, 9]) == (None, [1, 9])
+    got, rest = cache.fetch_nearest_cache("m", [1, 2, 9])
+    assert got.tokens == [1, 2] and rest == [9]
+
+
+def test_bookkeeping_counts_in_the_byte_budget():
+    from mlx_backend.prompt_cache import ENTRY_OVERHEAD_BYTES
+
+    cache = ThreadSafeLRUPromptCache(100, max_bytes=10**6, nbytes_fn=lambda p: 0,
+                                     count_keys=True)
+    cache.insert_cache("m", list(range(1000)), Payload([]))
+    assert cache.nbytes == 1000 * 8 + ENTRY_OVERHEAD_BYTES
+
+
+def test_memory_held_stays_within_the_budget():
+    """Python heap growth (tokens, entries, tables), measured: not just the number reported."""
+    import tracemalloc
+
+    budget = 8 * 2**20
+    cache = ThreadSafeLRUPromptCache(1000, max_bytes=budget, nbytes_fn=lambda p: 0,
+                                     count_keys=True)
+    rng = random.Random(0)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for n in range(200):
+            tokens = [rng.randrange(50000) for _ in range(8000)]
+            cache.insert_cache("m", tokens, None)
+            del tokens
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert cache.nbytes <= budget
+    assert held <= budget * 1.1, held
+    assert cache.stats()["evictions"] > 0
+
+
+def test_entry_overhead_covers_what_an_entry_costs():
+    """ENTRY_OVERHEAD_BYTES is a measurement, kept honest here."""
+    import tracemalloc
+
+    from mlx_backend.prompt_cache import ENTRY_OVERHEAD_BYTES
+
+    cache = ThreadSafeLRUPromptCache(10000)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for n in range(1000):
+            cache.insert_cache(n % 7, [n, n + 1], None)
+        per_entry = (tracemalloc.get_traced_memory()[0] - base) / 1000 - 2 * 8
+    finally:
+        tracemalloc.stop()
+    assert per_entry <= ENTRY_OVERHEAD_BYTES, per_entry
