@@ -156,8 +156,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         try:
             if request.Threads > 0:
                 log.info("Threads=%d: MLX sizes its own CPU thread pool", request.Threads)
-            loaded = self.engine.load(request.Model, request.ModelFile, request.ModelPath,
-                                      request.Options, request.ContextSize or request.MaxModelLen)
+            loaded = self.engine.load(requests.load_request(request))
         except BackendError as err:
             log.error("LoadModel failed: %s", err)
             return backend_pb2.Result(success=False, message=err.message)

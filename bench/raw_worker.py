@@ -32,11 +32,12 @@ def main():
 
     from mlx_backend.model_loader import blas_library, load_model, on_cpu
     from mlx_backend.options import ModelSettings
+    from mlx_backend.request import LoadRequest
 
     out = sys.stdout
     sys.stdout = sys.stderr  # nothing but protocol lines on the real stdout
 
-    loaded = load_model(args.model, "", "", ModelSettings())
+    loaded = load_model(LoadRequest(args.model), ModelSettings())
     tokenizer = loaded.tokenizer
     tokenizer.eos_token_ids = []  # IgnoreEOS: run to max_tokens like the server requests
     device = mx.default_device()

@@ -37,7 +37,7 @@ from .options import ModelSettings, parse_options
 from .output import TokenBytes, logprob_entry
 from .prompt_cache import ThreadSafeLRUPromptCache
 from .prompt_store import PromptStore, model_identity
-from .request import GenerationRequest
+from .request import GenerationRequest, LoadRequest
 from .response_parser import ResponseParser
 from .sampling import greedy_sampler
 from .scoring import embed, score_candidates
@@ -197,10 +197,9 @@ class Engine:
     def busy(self) -> bool:
         return bool(self._slots) or self._queued > 0
 
-    def load(self, name, model_file, model_path, options=(), context_size=0) -> LoadedModel:
-        """Load a model with LoadModel's "key:value" options; raises on failure."""
-        return self.call(self._load, name, model_file, model_path, list(options), context_size,
-                         bounded=False)
+    def load(self, request: LoadRequest) -> LoadedModel:
+        """Load a model as LoadModel asks; raises on failure."""
+        return self.call(self._load, request, bounded=False)
 
     def free(self):
         self.load_error = None
@@ -374,14 +373,14 @@ class Engine:
             err = BackendError(f"internal error while {stage}: {type(err).__name__}: {err}")
         handle.events.put(Failed(err))
 
-    def _load(self, name, model_file, model_path, options, context_size):
+    def _load(self, request: LoadRequest):
         try:
-            settings = parse_options(options)  # a bad option keeps the current model
-            fault = faults.load_stage(options)
+            settings = parse_options(request.options)  # a bad option keeps the current model
+            fault = faults.load_stage(request.options)
             faults.check(fault, "load")
             faults.check(fault, "hang")
             self._unload("the model was replaced by LoadModel")
-            loaded = load_model(name, model_file, model_path, settings, context_size)
+            loaded = load_model(request, settings)
         except BaseException as err:
             self.load_error = str(err)
             raise

@@ -149,13 +149,14 @@ def _context_length(config: dict, tokenizer, settings: ModelSettings, requested:
     return int(limit) if limit and limit < 10**7 else 4096
 
 
-def load_model(name: str, model_file: str, model_path: str, settings: ModelSettings,
-               context_size: int = 0) -> LoadedModel:
-    """Resolve, load and prepare a model; raises NotFound or LoadError."""
+def load_model(request, settings: ModelSettings) -> LoadedModel:
+    """Resolve, load and prepare a model for a `request.LoadRequest`;
+    raises NotFound or LoadError."""
     import mlx_lm
 
+    name, context_size = request.model, request.context_size
     started = time.perf_counter()
-    source = resolve_source(name, model_file, model_path)
+    source = resolve_source(name, request.model_file, request.model_path)
     folder = _model_folder(source, settings)
     try:
         model, tokenizer, config = mlx_lm.load(

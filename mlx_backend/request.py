@@ -282,3 +282,38 @@ def embedding_request(opts, loaded) -> List[int]:
         raise InvalidArgument("Embedding needs Embeddings, Prompt or EmbeddingTokens")
     _check_fits(len(tokens), loaded, "the input")
     return tokens
+
+
+@dataclasses.dataclass
+class LoadRequest:
+    """What LoadModel asks for, as plain data (options still as "key:value")."""
+
+    model: str
+    model_file: str = ""
+    model_path: str = ""
+    options: List[str] = dataclasses.field(default_factory=list)
+    context_size: int = 0
+    lora_adapters: List[str] = dataclasses.field(default_factory=list)
+    lora_scales: List[float] = dataclasses.field(default_factory=list)
+    draft_model: str = ""
+    cache_type_key: str = ""
+    cache_type_value: str = ""
+
+
+def load_request(opts) -> LoadRequest:
+    """ModelOptions to a LoadRequest. `LoraAdapter`/`LoraScale` (one adapter)
+    and `LoraAdapters`/`LoraScales` (several) mean the same thing, as in
+    LocalAI's llama.cpp backend; a missing scale is 1."""
+    adapters = list(opts.LoraAdapters) or ([opts.LoraAdapter] if opts.LoraAdapter else [])
+    scales = list(opts.LoraScales) or ([opts.LoraScale] if opts.LoraAdapter and opts.LoraScale
+                                       else [])
+    if len(scales) > len(adapters):
+        raise InvalidArgument(f"{len(scales)} LoRA scales for {len(adapters)} adapters")
+    scales += [1.0] * (len(adapters) - len(scales))
+    for scale in scales:
+        _finite("LoraScale", scale)
+    return LoadRequest(
+        model=opts.Model, model_file=opts.ModelFile, model_path=opts.ModelPath,
+        options=list(opts.Options), context_size=opts.ContextSize or opts.MaxModelLen,
+        lora_adapters=adapters, lora_scales=scales, draft_model=opts.DraftModel,
+        cache_type_key=opts.CacheTypeKey, cache_type_value=opts.CacheTypeValue)

@@ -6,7 +6,7 @@ import pytest
 from mlx_backend.engine import Engine
 from mlx_backend.events import Done
 from mlx_backend.errors import BackendError
-from mlx_backend.request import GenerationRequest
+from mlx_backend.request import GenerationRequest, LoadRequest
 from mlx_backend.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
@@ -35,7 +35,7 @@ class ExplodingGrammar:
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     engine = Engine()
-    engine.load(str(tiny_model), "", "", ["prompt_cache:false"])
+    engine.load(LoadRequest(str(tiny_model), options=["prompt_cache:false"]))
     yield engine
     engine.shutdown()
 
