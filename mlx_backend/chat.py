@@ -170,7 +170,7 @@ def render_chat(tokenizer, messages: List[dict], kwargs: dict,
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as err:  # jinja2 raises TemplateError and anything the template raises
         raise InvalidArgument(f"the chat template rejected the messages: "
-                              f"{err or type(err).__name__}") from None
+                              f"{str(err) or type(err).__name__}") from None
     if not isinstance(text, str):
         raise InvalidArgument(f"the chat template rendered a {type(text).__name__}, "
                               f"not text")

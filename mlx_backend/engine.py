@@ -26,12 +26,16 @@ from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (KVCache, QuantizedKVCache, can_trim_prompt_cache,
+                                  trim_prompt_cache)
 
 from . import faults
-from .errors import BackendError, Cancelled, FailedPrecondition, ResourceExhausted, Unavailable
+from .errors import (BackendError, Cancelled, FailedPrecondition, InvalidArgument,
+                     ResourceExhausted, Unavailable)
 from .events import POLL_SECONDS, Delta, Done, Failed, RequestHandle, Usage
 from .generation import StopRule, plan_generation
+from .kv_quant import (batchable, check_head_dim, compact_quantized, kv_quantization,
+                       make_quantized_cache, quantized_prefix)
 from .model_loader import LoadedModel, load_model
 from .options import ModelSettings, parse_options
 from .output import TokenBytes, logprob_entry
@@ -89,7 +93,9 @@ def _compact(cache):
     """
     for layer in cache:
         keys = getattr(layer, "keys", None)
-        if isinstance(layer, KVCache) and keys is not None and keys.shape[2] > layer.offset:
+        if isinstance(layer, QuantizedKVCache):
+            compact_quantized(layer)
+        elif isinstance(layer, KVCache) and keys is not None and keys.shape[2] > layer.offset:
             layer.keys = mx.contiguous(keys[..., :layer.offset, :])
             layer.values = mx.contiguous(layer.values[..., :layer.offset, :])
     mx.eval([layer.state for layer in cache])
@@ -98,7 +104,11 @@ def _compact(cache):
 def _kv_prefix(cache, keep: int):
     """A new cache holding the first `keep` positions of `cache`, copying only
     those (a longer prompt-cache match, or a copy of a pinned checkpoint)."""
-    if not all(type(layer) is KVCache for layer in cache):  # rotating, quantized, ...
+    if all(type(layer) is QuantizedKVCache for layer in cache):
+        out = [quantized_prefix(layer, keep) for layer in cache]
+        mx.eval([layer.state for layer in out])
+        return out
+    if not all(type(layer) is KVCache for layer in cache):  # rotating, ...
         copied = copy.deepcopy(cache)
         trim_prompt_cache(copied, _kv_length(copied) - keep)
         return copied
@@ -155,6 +165,8 @@ class Engine:
         self.prompt_cache: Optional[ThreadSafeLRUPromptCache] = None
         self.last_metrics: dict = {}
         self.failure: Optional[str] = None  # why the engine can no longer serve; sticky
+        self.kv_quant = None  # (bits, group size) of a quantized KV cache, or None
+        self._kv_bytes = 0  # KV state of the running batch, measured after each step
         self.on_failure: List[Callable[[str], None]] = []
         self._activity = None  # (what, since, bounded) while the engine thread works
         self._generator: Optional[BatchGenerator] = None
@@ -224,6 +236,7 @@ class Engine:
             "mlx_peak": mx.get_peak_memory(),
             "mlx_buffer_cache": mx.get_cache_memory(),
             "weights": loaded.weights_bytes if loaded else 0,
+            "kv_cache": self._kv_bytes if self._slots else 0,
             "prompt_cache": cache.nbytes if cache is not None else 0,
             "prompt_cache_entries": len(cache) if cache is not None else 0,
         }
@@ -315,6 +328,7 @@ class Engine:
         with self._working_on("a generation step"):
             try:
                 self._step()
+                self._kv_bytes = self._generator.prompt_cache_nbytes
             except Exception as err:  # a step fault no single request owns
                 log.exception("generation step failed")
                 self._fail_all(BackendError(f"generation failed: {type(err).__name__}: {err}"))
@@ -376,11 +390,19 @@ class Engine:
     def _load(self, request: LoadRequest):
         try:
             settings = parse_options(request.options)  # a bad option keeps the current model
+            kv_quant = kv_quantization(settings.kv_bits, settings.kv_group_size,
+                                       settings.quantized_kv_start, request.cache_type_key,
+                                       request.cache_type_value)
+            if kv_quant and settings.max_kv_size:
+                raise InvalidArgument("a quantized KV cache cannot be combined with "
+                                      "max_kv_size (a rotating window): choose one")
             fault = faults.load_stage(request.options)
             faults.check(fault, "load")
             faults.check(fault, "hang")
             self._unload("the model was replaced by LoadModel")
             loaded = load_model(request, settings)
+            if kv_quant:
+                check_head_dim(loaded.model, kv_quant[1])
         except BaseException as err:
             self.load_error = str(err)
             raise
@@ -399,8 +421,11 @@ class Engine:
         )
         self.settings = settings
         self.loaded = loaded
+        self.kv_quant = kv_quant
         self._model_key = (loaded.source, next(self._model_keys))
-        self._identity = model_identity(loaded)
+        # Saved caches are only valid for the same weights and KV format.
+        self._identity = model_identity(loaded) + (
+            f"-kv{kv_quant[0]}g{kv_quant[1]}" if kv_quant else "")
         self._stores = {}
         self._token_bytes = TokenBytes(loaded.tokenizer)
         self._reset_generator()
@@ -417,9 +442,18 @@ class Engine:
                                      "retry the request")
         return self.loaded
 
+    def _new_cache(self):
+        """A fresh per-sequence cache: quantized when asked for, else None
+        (the batch generator makes mlx-lm's own)."""
+        if not self.kv_quant:
+            return None
+        return make_quantized_cache(len(self.loaded.model.layers), *self.kv_quant)
+
     def _score(self, loaded, prompt_tokens, candidates, cancelled):
         model = self._require_loaded(loaded).model
         cache, rest = self.fetch_cache(prompt_tokens)
+        if cache is None:
+            cache = self._new_cache()
         scores, cache = score_candidates(model, cache, rest, candidates,
                                          self.settings.prefill_step_size, cancelled,
                                          self.settings.max_kv_size)
@@ -529,6 +563,11 @@ class Engine:
         if request.cache_path and self.settings.prompt_cache:
             self._store(request.cache_path)
         cache, rest = self.fetch_cache(tokens)
+        if cache is None:
+            cache = self._new_cache()
+        elif self.kv_quant:
+            for layer in cache:  # a cache read from disk has not been made batchable yet
+                batchable(layer)
         cached = len(tokens) - len(rest)
         segments = [rest]
         checkpoint_len = 0

@@ -55,6 +55,9 @@ class ModelSettings:
     max_cache_entries: int = 64
     cache_bytes: Optional[int] = None  # None: derived from available memory
     max_kv_size: Optional[int] = None  # rotating KV window; None = unbounded
+    kv_bits: Optional[int] = None  # quantized KV cache (mlx-lm's names); None = full precision
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
     prompt_cache_path: Optional[str] = None  # saved caches, found again after a restart
     prompt_cache_disk_bytes: int = 4 * 2**30  # budget of each prompt cache folder
     # Engine.
@@ -89,7 +92,7 @@ class ModelSettings:
 _ALIASES = {"cache_size": "max_cache_entries", "batch_size": "max_batch_size"}
 _BYTE_KEYS = {"cache_bytes", "prompt_cache_disk_bytes"}
 # Settings whose default is None, by the kind of value they take.
-_KINDS = {"max_kv_size": int, "context_size": int, "dequantize": bool,
+_KINDS = {"max_kv_size": int, "context_size": int, "dequantize": bool, "kv_bits": int,
           "prompt_cache_path": str,
           "gguf_cache_dir": str, "gguf_requant_bits": int, "seed": int}
 

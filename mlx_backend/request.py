@@ -305,8 +305,8 @@ def load_request(opts) -> LoadRequest:
     and `LoraAdapters`/`LoraScales` (several) mean the same thing, as in
     LocalAI's llama.cpp backend; a missing scale is 1."""
     adapters = list(opts.LoraAdapters) or ([opts.LoraAdapter] if opts.LoraAdapter else [])
-    scales = list(opts.LoraScales) or ([opts.LoraScale] if opts.LoraAdapter and opts.LoraScale
-                                       else [])
+    single = not opts.LoraAdapters and opts.LoraAdapter and opts.LoraScale
+    scales = list(opts.LoraScales) or ([opts.LoraScale] if single else [])
     if len(scales) > len(adapters):
         raise InvalidArgument(f"{len(scales)} LoRA scales for {len(adapters)} adapters")
     scales += [1.0] * (len(adapters) - len(scales))

@@ -58,26 +58,34 @@ def make_sampler(params: SamplingParams, vocab_size: int,
     if params.greedy:
         return greedy_sampler
 
+    seed = params.seed if params.seed is not None else random.getrandbits(63)
+    state = {"key": mx.random.key(seed)}
+    inv_temp = 1.0 / params.temperature
+
+    def next_key():
+        state["key"], step_key = mx.random.split(state["key"])
+        return step_key
+
+    def xtc(x):
+        # mlx-lm's apply_xtc draws from the global random state; the draw that
+        # decides whether XTC fires comes from this request's key instead.
+        fires = mx.random.uniform(key=next_key()) < params.xtc_probability
+        return mx.where(fires, apply_xtc(x, 1.0, params.xtc_threshold, list(special_tokens)), x)
+
     filters = []
     if 0 < params.top_p < 1.0:
         filters.append(lambda x: apply_top_p(x, params.top_p))
     if params.min_p > 0:
         filters.append(lambda x: apply_min_p(x, params.min_p))
     if params.xtc_probability > 0:
-        filters.append(lambda x: apply_xtc(x, params.xtc_probability,
-                                           params.xtc_threshold, list(special_tokens)))
+        filters.append(xtc)
     if 0 < params.top_k < vocab_size:
         filters.append(lambda x: apply_top_k(x, params.top_k))
-
-    seed = params.seed if params.seed is not None else random.getrandbits(63)
-    state = {"key": mx.random.key(seed)}
-    inv_temp = 1.0 / params.temperature
 
     def sampler(logprobs: mx.array) -> mx.array:
         for f in filters:
             logprobs = f(logprobs)
-        state["key"], step_key = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs * inv_temp, key=step_key)
+        return mx.random.categorical(logprobs * inv_temp, key=next_key())
 
     return sampler
 
