@@ -62,3 +62,20 @@ def test_processor_fault_fails_only_its_request(engine):
     assert "matcher exploded" in str(info.value)
     assert [final(h).text for h in neighbours] == solo
     assert not engine.busy
+
+
+def test_a_caller_gone_before_admission_costs_no_generation(engine):
+    import threading
+    import time
+
+    from mlx_backend.errors import Cancelled
+
+    busy = threading.Thread(target=engine.call, args=(time.sleep, 0.5))
+    busy.start()  # the engine is occupied: the next request waits in the inbox
+    time.sleep(0.1)
+    handle = run(engine, "Hello world", 30)
+    handle.cancel()
+    busy.join()
+    with pytest.raises(Cancelled, match="before it started"):
+        list(handle)
+    assert handle.uid is None  # never entered the batch
