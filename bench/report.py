@@ -11,6 +11,9 @@ TARGETS = {
     "health_p95": "p95 < 50 ms",
     "cache_ratio": "warm/cold <= 0.2",
     "cache_bound": "bytes <= budget",
+    "cache_unit": "< 2 ms; 2k-token lookups flat from 1k to 32k stored (32k/1k <= 2)",
+    "new_conversations": "5th/2nd <= 1.2",
+    "cache_restart": "warm/cold <= 0.2",
 }
 
 
@@ -18,6 +21,10 @@ def fmt(value, spec=".1f", unit=""):
     if value is None:
         return "n/a"
     return f"{value:{spec}}{unit}"
+
+
+def ms(seconds):
+    return None if seconds is None else seconds * 1000
 
 
 def mb(n):
@@ -117,15 +124,100 @@ def table(result) -> str:
         else:
             row("7", "LoadModel (model folder; no GGUF import)",
                 fmt(lt.get("folder_s"), ".2f", " s"), "", "")
-    widths = [max(len(str(r[i])) for r in rows + [("#", "measurement", "measured", "target",
-                                                      "")]) for i in range(5)]
-    lines = []
+    u = M.get("cache_unit", {})
+    if not err("cache_unit", "8", "prompt cache container"):
+        rows.extend(cache_unit_rows(u))
+    cv = M.get("conversations", {})
+    if not err("conversations", "9", "new conversations / restart"):
+        rows.extend(conversation_rows(cv))
+    return render(rows)
+
+
+def render(rows) -> str:
+    """Rows of (#, measurement, measured, target, verdict) as an aligned table."""
     header = ("#", "measurement", "measured", "target", "")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
+    lines = []
     for r in [header] + rows:
         lines.append("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
         if r is header:
             lines.append("-" * len(lines[0]))
     return "\n".join(lines)
+
+
+UNIT_LABELS = {
+    "miss": "2k-token miss (shares 1 token with all)",
+    "miss3": "2k-token, 3-token share (served as longer)",
+    "longer": "2k-token longer hit (diverges inside an entry)",
+    "shorter": "shorter hit (entry + 50 tokens: O(request))",
+    "insert": "insert (new entry of N tokens: O(request))",
+}
+
+
+def cache_unit_rows(u) -> list:
+    """Rows of the container's unit bench (cache_unit.py): ms per op at each N."""
+    rows = []
+    sizes = [str(n) for n in u.get("sizes", [])]
+    names = "/".join(f"{int(n) // 1024}k" for n in sizes)
+    first = True
+    for op, label in UNIT_LABELS.items():
+        per = u.get("ops", {}).get(op)
+        if not per:
+            continue
+        values = "/".join(fmt(per[n]["median_ms"], ".3f") for n in sizes)
+        rows.append(("8" if first else "",
+                     f"container, 64 entries: {label}, ms at {names}" if first
+                     else f"  {label}",
+                     f"{values} (32k/1k {fmt(per.get('ratio_32k_1k'), '.1f', 'x')})",
+                     TARGETS["cache_unit"] if first else "", verdict(per.get("pass"))))
+        first = False
+    conv = u.get("conversion_ms")
+    if conv:
+        rows.append(("", "  context: request list -> int64 array alone",
+                     "/".join(fmt(conv.get(n), ".3f") for n in sizes)
+                     + f" ms (32k/1k {fmt(conv.get('ratio_32k_1k'), '.1f', 'x')})", "", ""))
+    mem = u.get("memory")
+    if mem:
+        rows.append(("", f"  memory at N={mem['n'] // 1024}k, {mem['entries']} entries: "
+                         "traced / reported bytes per token",
+                     f"{fmt(mem['traced_bytes_per_token'], '.2f')} / "
+                     f"{fmt(mem['reported_bytes_per_token'], '.2f')} "
+                     f"(traced/reported {fmt(mem.get('traced_over_reported'), '.3f')})",
+                     "", ""))
+        rows.append(("", "  memory: traced bytes per entry beyond 8 per token / counted",
+                     f"{fmt(mem['traced_bytes_per_entry_beyond_8_per_token'], '.0f')} / "
+                     f"{mem['entry_overhead_bytes']} (ENTRY_OVERHEAD_BYTES)", "", ""))
+    return rows
+
+
+def conversation_rows(c) -> list:
+    """Rows of the new-conversations and warm-after-restart bench (conversations.py)."""
+    rows = []
+    n = c.get("conversations", 6)
+    rows.append(("9", f"TTFT of new conversations 1..{n} (~{fmt(c.get('system_tokens'), '.0f')}"
+                      "-token system prompt)",
+                 " / ".join(fmt(t and t * 1000, ".0f") for t in c.get("ttft_s_by_index", []))
+                 + " ms", "", ""))
+    rows.append(("", "TTFT 5th / 2nd new conversation",
+                 f"{fmt(c.get('ratio_5th_2nd'), '.2f')} ({fmt(ms(c.get('ttft_5th_s')), '.0f')}"
+                 f" / {fmt(ms(c.get('ttft_2nd_s')), '.0f')} ms)",
+                 TARGETS["new_conversations"], c.get("pass_conversations")))
+    rows.append(("", "  prompt tokens processed, 2nd / 5th (of prompt)",
+                 f"{fmt(c.get('processed_2nd'), '.0f')} / {fmt(c.get('processed_5th'), '.0f')}"
+                 f" of {fmt(c.get('prompt_tokens_2nd'), '.0f')}", "", ""))
+    r = c.get("restart", {})
+    if r:
+        rows.append(("", "TTFT cold (fresh prompt_cache_path folder)",
+                     fmt(ms(r.get("cold_ttft_s")), ".0f", " ms"), "", ""))
+        rows.append(("", "TTFT warm (new server, same folder)",
+                     fmt(ms(r.get("warm_ttft_s")), ".0f", " ms"), "", ""))
+        rows.append(("", "warm / cold after restart", fmt(r.get("ratio"), ".3f"),
+                     TARGETS["cache_restart"], r.get("pass")))
+        rows.append(("", "  prompt tokens processed cold / warm, files saved",
+                     f"{fmt(r.get('cold_processed'), '.0f')} / {fmt(r.get('warm_processed'), '.0f')}"
+                     f" of {fmt(r.get('prompt_tokens'), '.0f')}, {r.get('files_saved')} files",
+                     "", ""))
+    return [(a, b, m, t, ok if ok == "" else verdict(ok)) for a, b, m, t, ok in rows]
 
 
 def header(result) -> str:

@@ -16,10 +16,17 @@ ratios compare like with like on a noisy machine):
   4. Health latency p50/p95 while 16 streams decode (polled every 20 ms);
   5. prompt cache: TTFT with a ~1000-token shared prefix, cold vs warm;
   6. prompt cache memory bound: Status bytes/entries over 200 requests with cache_bytes;
-  7. LoadModel time of a GGUF: first import (fresh cache dir) vs cached.
+  7. LoadModel time of a GGUF: first import (fresh cache dir) vs cached;
+  8. the prompt-cache container alone (no server): lookup and insert ms with
+     64 entries of 1k/8k/32k tokens, and its memory per token (also runnable
+     alone: bench/cache_unit.py);
+  9. chats: TTFT of the 5th vs the 2nd new conversation behind one system
+     prompt, and warm-after-restart with prompt_cache_path (new server, same
+     folder) vs cold.
 One module per measurement (overhead, scaling, ttft_load, health, prompt_cache,
-cache_bound, load_time); this file runs them in order and report.py prints
-a table with targets and writes it as JSON under bench/results/.
+cache_bound, load_time, cache_unit, conversations); this file runs them in
+order and report.py prints a table with targets and writes it as JSON under
+bench/results/.
 """
 
 import argparse
@@ -31,6 +38,8 @@ import traceback
 from pathlib import Path
 
 import cache_bound
+import cache_unit
+import conversations
 import load_time
 import overhead
 import prompt_cache
@@ -47,7 +56,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Measured after load_time (which starts the main server) and prepare, in this order.
 PHASES = (("overhead", overhead.run), ("concurrency", scaling.run),
           ("ttft_load", ttft_load.run), ("prompt_cache", prompt_cache.run),
-          ("cache_bound", cache_bound.run))
+          ("conversations", conversations.run), ("cache_bound", cache_bound.run))
+# Measured first, before any server starts: they need none.
+SERVERLESS = (("cache_unit", cache_unit.run),)
 
 
 def phase(s, key, fn):
@@ -67,6 +78,19 @@ def phase(s, key, fn):
     log(f"    {key} took {time.perf_counter() - started:.0f}s")
 
 
+def server_phases(s):
+    """load_time (which starts the main server), prepare, then the PHASES asked for."""
+    phase(s, "load_time", load_time.run)
+    if s.main is None:
+        s.result["errors"]["bench"] = "no server could load the model; nothing measured"
+        return
+    phase(s, "prepare", Session.prepare)
+    for key, fn in PHASES:
+        if s.selected(key):
+            phase(s, key, fn)
+    s.stop_worker()
+
+
 def run(s) -> dict:
     s.result.update({
         "timestamp": s.stamp,
@@ -82,15 +106,11 @@ def run(s) -> dict:
     })
     started = time.perf_counter()
     try:
-        phase(s, "load_time", load_time.run)
-        if s.main is None:
-            s.result["errors"]["bench"] = "no server could load the model; nothing measured"
-            return s.result
-        phase(s, "prepare", Session.prepare)
-        for key, fn in PHASES:
+        for key, fn in SERVERLESS:
             if s.selected(key):
                 phase(s, key, fn)
-        s.stop_worker()
+        if any(s.selected(key) for key in ["load_time"] + [k for k, _ in PHASES]):
+            server_phases(s)
     finally:
         s.stop_worker()
         if s.main is not None:
@@ -118,7 +138,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON")
     parser.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
                         help="comma-separated subset of phases: load_time, overhead, "
-                             "concurrency (incl. Health), ttft_load, prompt_cache, cache_bound")
+                             "concurrency (incl. Health), ttft_load, prompt_cache, "
+                             "conversations, cache_bound, cache_unit (no server)")
     parser.add_argument("--no-raw-batch", action="store_true",
                         help="skip the raw BatchGenerator baseline of the 16-stream runs")
     args = parser.parse_args(argv)

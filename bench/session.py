@@ -33,6 +33,8 @@ class Config:
         self.probe_reps = max(2, self.reps)
         self.prefix_tokens = 400 if quick else 1000
         self.cache_reps = 1 if quick else max(2, self.reps - 1)
+        self.conversation_reps = 1 if quick else max(3, self.reps)  # runs of 6 new chats
+        self.restart_reps = 2 if quick else max(3, self.reps)  # chats per server, cold/warm
         self.bound_requests = 60 if quick else 200
         self.bound_every = 20 if quick else 50
         self.bound_workers = 8

@@ -74,12 +74,21 @@ def _as_array(tokens: Sequence[Any]) -> np.ndarray:
 
 
 def _common_prefix(stored: np.ndarray, request: np.ndarray) -> int:
-    """How many leading tokens two sequences share (C speed, no Python loop)."""
+    """How many leading tokens two sequences share.
+
+    Compared in blocks that double in size, so the cost follows the shared
+    prefix (a few microseconds for sequences that part early), never the
+    length of the longer one.
+    """
     n = min(len(stored), len(request))
-    if n == 0 or stored[0] != request[0]:
-        return 0
-    same = stored[:n] == request[:n]
-    return n if same.all() else int(same.argmin())
+    start, block = 0, 64
+    while start < n:
+        stop = min(start + block, n)
+        same = stored[start:stop] == request[start:stop]
+        if not same.all():
+            return start + int(same.argmin())
+        start, block = stop, block * 2
+    return n
 
 
 class ThreadSafeLRUPromptCache:
@@ -259,18 +268,16 @@ class ThreadSafeLRUPromptCache:
                 depth, extensions = common, [entry]
             elif common == depth and common:
                 extensions.append(entry)
-        depth = max(depth, prefix_len)
         if prefix is not None and prefix_len > 1:
             return "shorter", prefix, prefix_len
-        if not self._can_slice():
-            return None
+        if not self._can_slice() or prefix_len > depth:
+            return None  # nothing reaches past the deepest shared prefix
         keep = min(depth, n - 1)
         if keep < self.min_longer_keep:
             return None
         # Entries strictly below the deepest shared prefix; the cheapest to
         # serve is the shortest, ties going to the most recently used.
-        candidates = [e for e in extensions if _common_prefix(e.tokens, request) == depth
-                      and self._can_trim_fn(e.prompt_cache)]
+        candidates = [e for e in extensions if self._can_trim_fn(e.prompt_cache)]
         if not candidates:
             return None
         best = min(candidates, key=lambda e: (len(e.tokens), -e.tick))
