@@ -255,8 +255,14 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         cache = self.engine.prompt_cache
         return backend_pb2.MetricsResponse(
             slot_id=0,
-            # No field of its own: the prompt cache's counters ride here as JSON.
-            prompt_json_for_slot=json.dumps({"prompt_cache": cache.stats()}) if cache else "",
+            # No fields of their own: the prompt cache's and the draft model's
+            # counters ride here as JSON.
+            prompt_json_for_slot=json.dumps({
+                "prompt_cache": cache.stats() if cache else None,
+                "speculative": {"last_request": {
+                    "drafted": metrics.get("drafted_tokens", 0),
+                    "accepted": metrics.get("accepted_tokens", 0)},
+                    "total": dict(self.engine.draft_stats)}}),
             tokens_per_second=metrics.get("tokens_per_second", 0.0),
             tokens_generated=metrics.get("tokens_generated", 0),
             prompt_tokens_processed=metrics.get("prompt_tokens_processed", 0),

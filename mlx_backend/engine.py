@@ -30,6 +30,7 @@ from mlx_lm.models.cache import (KVCache, QuantizedKVCache, can_trim_prompt_cach
                                   trim_prompt_cache)
 
 from . import faults
+from .adapters import check as check_adapters
 from .errors import (BackendError, Cancelled, FailedPrecondition, InvalidArgument,
                      ResourceExhausted, Unavailable)
 from .events import POLL_SECONDS, Delta, Done, Failed, RequestHandle, Usage
@@ -44,6 +45,7 @@ from .prompt_store import PromptStore, model_identity
 from .request import GenerationRequest, LoadRequest
 from .response_parser import ResponseParser
 from .sampling import greedy_sampler
+from .speculative import SoloSpeculation, check_vocabulary
 from .scoring import embed, score_candidates
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,14 @@ class _Slot:
     usage: Usage
     started: float
     errors: List[Exception]  # raised by this request's sampler or processors
+    processors: list = dataclasses.field(default_factory=list)  # guarded, as in the batch
+    spec: Optional[SoloSpeculation] = None  # decoding alone with a draft model
+    generated: List[int] = dataclasses.field(default_factory=list)
     checkpoint_len: int = 0  # >0 while a checkpoint segment is still being prefilled
     first_token_at: Optional[float] = None
     logprobs: List[dict] = dataclasses.field(default_factory=list)
+    drafted: int = 0
+    accepted: int = 0
     content: str = ""
     reasoning: str = ""
 
@@ -166,6 +173,9 @@ class Engine:
         self.last_metrics: dict = {}
         self.failure: Optional[str] = None  # why the engine can no longer serve; sticky
         self.kv_quant = None  # (bits, group size) of a quantized KV cache, or None
+        self.draft: Optional[LoadedModel] = None  # DraftModel, for speculative decoding
+        self.draft_stats = {"drafted": 0, "accepted": 0}  # lifetime counters
+        self._solo_uids = itertools.count(-1, -1)  # ids of requests outside the batch
         self._kv_bytes = 0  # KV state of the running batch, measured after each step
         self.on_failure: List[Callable[[str], None]] = []
         self._activity = None  # (what, since, bounded) while the engine thread works
@@ -236,6 +246,7 @@ class Engine:
             "mlx_peak": mx.get_peak_memory(),
             "mlx_buffer_cache": mx.get_cache_memory(),
             "weights": loaded.weights_bytes if loaded else 0,
+            "draft_weights": self.draft.weights_bytes if self.draft else 0,
             "kv_cache": self._kv_bytes if self._slots else 0,
             "prompt_cache": cache.nbytes if cache is not None else 0,
             "prompt_cache_entries": len(cache) if cache is not None else 0,
@@ -325,6 +336,16 @@ class Engine:
         self._drop_cancelled()
         if not self._slots:
             return
+        solo = [slot for slot in self._slots.values() if slot.spec is not None]
+        if solo and len(self._slots) > 1:  # someone else arrived: join the batch
+            for slot in solo:
+                with self._isolated(slot.handle, "joining the batch"):
+                    self._join_batch(slot)
+        elif solo:
+            with self._working_on("a speculative step"):
+                with self._isolated(solo[0].handle, "speculative decoding"):
+                    self._speculate(solo[0])
+            return
         with self._working_on("a generation step"):
             try:
                 self._step()
@@ -370,7 +391,9 @@ class Engine:
 
     def _fail_request(self, handle: RequestHandle, err: Exception, stage: str):
         if handle.uid is not None:
-            self._slots.pop(handle.uid, None)
+            slot = self._slots.pop(handle.uid, None)
+            if slot is not None:
+                _close_quietly(slot)
             try:
                 self._generator.remove([handle.uid])
             except Exception:  # the batch itself is suspect now: start it afresh
@@ -390,6 +413,7 @@ class Engine:
     def _load(self, request: LoadRequest):
         try:
             settings = parse_options(request.options)  # a bad option keeps the current model
+            check_adapters(request)  # so does a bad LoRA adapter
             kv_quant = kv_quantization(settings.kv_bits, settings.kv_group_size,
                                        settings.quantized_kv_start, request.cache_type_key,
                                        request.cache_type_value)
@@ -403,6 +427,7 @@ class Engine:
             loaded = load_model(request, settings)
             if kv_quant:
                 check_head_dim(loaded.model, kv_quant[1])
+            draft = self._load_draft(request, settings, loaded)
         except BaseException as err:
             self.load_error = str(err)
             raise
@@ -422,6 +447,7 @@ class Engine:
         self.settings = settings
         self.loaded = loaded
         self.kv_quant = kv_quant
+        self.draft = draft
         self._model_key = (loaded.source, next(self._model_keys))
         # Saved caches are only valid for the same weights and KV format.
         self._identity = model_identity(loaded) + (
@@ -432,6 +458,20 @@ class Engine:
         if settings.prompt_cache_path and settings.prompt_cache:
             self._store(settings.prompt_cache_path)
         return loaded
+
+    def _load_draft(self, request: LoadRequest, settings, loaded) -> Optional[LoadedModel]:
+        """The DraftModel, resolved like Model, checked to share its vocabulary."""
+        if not request.draft_model:
+            return None
+        if settings.max_kv_size:
+            raise InvalidArgument("DraftModel cannot be combined with max_kv_size: "
+                                  "speculative decoding needs a cache it can rewind")
+        draft = load_model(LoadRequest(request.draft_model, model_path=request.model_path),
+                           settings)
+        check_vocabulary(loaded.tokenizer, draft.tokenizer, request.draft_model)
+        log.info("draft model %s: %d draft tokens per step by default", draft.source,
+                 settings.num_draft_tokens)
+        return draft
 
     def _require_loaded(self, expected: LoadedModel) -> LoadedModel:
         """The current model, if it is the one the request was tokenized for."""
@@ -485,6 +525,7 @@ class Engine:
             self._generator.close()
         self._generator = None
         self.loaded = None
+        self.draft = None
         if self.prompt_cache is not None:
             self.prompt_cache.clear()
         self.prompt_cache = None
@@ -493,6 +534,7 @@ class Engine:
 
     def _fail_all(self, error: BackendError):
         for slot in list(self._slots.values()):
+            _close_quietly(slot)
             slot.handle.events.put(Failed(error))
         self._slots.clear()
 
@@ -587,6 +629,21 @@ class Engine:
         if handle.fault == "decode":
             processors.append(_guarded(_fault_processor(handle.fault), errors))
         parser = ResponseParser(tokenizer, tokens, request.tools)
+        slot = _Slot(handle=handle, uid=0, stop=plan.stop, parser=parser,
+                     usage=Usage(prompt_tokens=len(tokens), cached_tokens=cached),
+                     started=started, checkpoint_len=checkpoint_len, errors=errors,
+                     processors=processors)
+        num_draft = self._num_draft(request, len(rest))
+        if num_draft and not checkpoint_len:
+            slot.spec = SoloSpeculation(
+                self.loaded.model, self.draft.model, cache, tokens[:cached], rest, num_draft,
+                request.max_tokens, processors, self._stream, self.settings.prefill_step_size)
+            handle.uid = slot.uid = next(self._solo_uids)
+            self._slots[slot.uid] = slot
+            log.info("request %s: %d prompt tokens, %d from the prompt cache, %d draft "
+                     "tokens per step", request.correlation_id or slot.uid, len(tokens),
+                     cached, num_draft)
+            return
         (handle.uid,) = self._generator.insert_segments(
             [segments],
             max_tokens=[request.max_tokens],
@@ -598,21 +655,87 @@ class Engine:
         )
         log.info("request %s: %d prompt tokens, %d from the prompt cache",
                  request.correlation_id or handle.uid, len(tokens), cached)
-        self._slots[handle.uid] = _Slot(
-            handle=handle, uid=handle.uid, stop=plan.stop, parser=parser,
-            usage=Usage(prompt_tokens=len(tokens), cached_tokens=cached),
-            started=started, checkpoint_len=checkpoint_len, errors=errors,
-        )
+        slot.uid = handle.uid
+        self._slots[handle.uid] = slot
 
     def _drop_cancelled(self):
         for slot in [s for s in self._slots.values() if s.handle.cancelled]:
             with self._isolated(slot.handle, "cancelling the request"):
                 faults.check(slot.handle.fault, "cancel")
-                removed = self._generator.remove([slot.uid], return_prompt_caches=True)
+                if slot.spec is not None:
+                    removed = {slot.uid: self._end_speculation(slot)}
+                else:
+                    removed = self._generator.remove([slot.uid], return_prompt_caches=True)
                 del self._slots[slot.uid]
                 for cache, tokens in removed.values():
                     self._insert_for(slot.handle, tokens, cache)
                 slot.handle.events.put(Failed(Cancelled("the request was cancelled")))
+
+    # ---- speculative decoding (one request alone) -----------------------------------------
+
+    def _num_draft(self, request: GenerationRequest, rest: int) -> int:
+        """Draft tokens per step for a request, 0 when it should not speculate:
+        no draft model, not alone, not greedy, a grammar (its matcher cannot
+        rewind), NDraft < 0, or a prompt too long to prefill in one step."""
+        if self.draft is None or request.n_draft < 0 or self._slots or self._queued:
+            return 0
+        if not request.sampling.greedy or request.grammar is not None:
+            return 0
+        if rest > self.settings.prefill_step_size:
+            return 0
+        return request.n_draft or self.settings.num_draft_tokens
+
+    def _speculate(self, slot: _Slot):
+        """One draft-and-verify round for the request decoding alone."""
+        tokens = slot.spec.round()
+        slot.drafted, slot.accepted = slot.spec.drafted, slot.spec.accepted
+        self._fail_broken()
+        if slot.uid not in self._slots:
+            return
+        if not tokens:  # the steps ran out (the budget): the rule should have ended it
+            slot.stop.end("length", "token budget")
+            cache, all_tokens = self._end_speculation(slot)
+            self._finish(slot, "", cache, all_tokens)
+            return
+        for token, logprobs in tokens:
+            self._on_token(slot, _Response(token, logprobs))
+            if slot.uid not in self._slots:  # it finished within the round
+                return
+
+    def _end_speculation(self, slot: _Slot):
+        """(cache, tokens) of a speculating request as it stops: the target's
+        cache and exactly the tokens it holds."""
+        spec, slot.spec = slot.spec, None
+        cache = spec.close()
+        self.draft_stats["drafted"] += spec.drafted
+        self.draft_stats["accepted"] += spec.accepted
+        everything = slot.handle.request.prompt_tokens + slot.generated
+        return cache, everything[:_kv_length(cache)]
+
+    def _join_batch(self, slot: _Slot):
+        """Move a speculating request into the batch, its KV cache as it is:
+        the batch continues from its last token with the same greedy rule."""
+        request = slot.handle.request
+        cache, held = self._end_speculation(slot)
+        everything = request.prompt_tokens + slot.generated
+        if len(held) == len(everything):  # the last token must be fed again for its logits
+            trim_prompt_cache(cache, 1)
+            held = held[:-1]
+        if self.kv_quant:
+            for layer in cache:
+                batchable(layer)
+        del self._slots[slot.uid]
+        (uid,) = self._generator.insert_segments(
+            [[everything[len(held):]]],
+            max_tokens=[request.max_tokens - slot.stop.generated],
+            caches=[cache], all_tokens=[held], samplers=[greedy_sampler],
+            logits_processors=[slot.processors],
+            stop_sequences=[slot.stop.stop_sequences()])
+        slot.uid = slot.handle.uid = uid
+        self._slots[uid] = slot
+        log.info("request %s: joins the batch after %d tokens (%d drafted, %d accepted)",
+                 request.correlation_id or uid, len(slot.generated), slot.drafted,
+                 slot.accepted)
 
     def _step(self):
         prompt_responses, generation_responses = self._generator.next()
@@ -656,6 +779,7 @@ class Engine:
                 self._token_bytes, response.token, response.logprobs,
                 slot.handle.request.top_logprobs))
         faults.check(fault, "detokenize")
+        slot.generated.append(response.token)
         delta = slot.stop.add(response.token)
         slot.usage.completion_tokens = slot.stop.generated
         slot.usage.generation_ms = (now - slot.first_token_at) * 1000
@@ -666,7 +790,9 @@ class Engine:
             return
         if slot.stop.reason is None:  # the generator's own budget; the rule's should match
             slot.stop.end(response.finish_reason, "the batch generator")
-        if response.finish_reason is None:  # ended here, not by the generator: take it out
+        if slot.spec is not None:
+            cache, tokens = self._end_speculation(slot)
+        elif response.finish_reason is None:  # ended here, not by the generator: take it out
             removed = self._generator.remove([slot.uid], return_prompt_caches=True)
             cache, tokens = removed.get(slot.uid, (None, None))
         else:
@@ -690,20 +816,42 @@ class Engine:
         tail_content += slot.parser.rejected_text()
         self._emit(slot, content + tail_content, reasoning + tail_reasoning)
         usage, stop = slot.usage, slot.stop
-        log.info("request %s: finished (%s: %s), %d tokens at %.1f tok/s",
+        log.info("request %s: finished (%s: %s), %d tokens at %.1f tok/s%s",
                  slot.handle.request.correlation_id or slot.uid, stop.reason, stop.cause,
                  usage.completion_tokens,
-                 usage.completion_tokens / max(usage.generation_ms / 1000, 1e-9))
+                 usage.completion_tokens / max(usage.generation_ms / 1000, 1e-9),
+                 f", {slot.drafted} drafted, {slot.accepted} accepted" if slot.drafted else "")
         self.last_metrics = {
             "tokens_generated": usage.completion_tokens,
             "prompt_tokens_processed": usage.prompt_tokens - usage.cached_tokens,
             "tokens_per_second": (usage.completion_tokens / (usage.generation_ms / 1000)
                                   if usage.generation_ms > 0 else 0.0),
+            "drafted_tokens": slot.drafted,
+            "accepted_tokens": slot.accepted,
         }
         slot.handle.events.put(Done(
             text=slot.content, reasoning=slot.reasoning, tool_calls=slot.parser.tool_calls(),
             structured=slot.parser.enabled, finish_reason=stop.reason, usage=usage,
             logprobs=slot.logprobs if slot.handle.request.logprobs else None))
+
+
+def _close_quietly(slot: "_Slot"):
+    """Stop a request's speculation, if any; it is being failed anyway."""
+    if slot.spec is not None:
+        try:
+            slot.spec.close()
+        except Exception:  # nothing to save from a request that is failing
+            log.exception("closing a speculation failed")
+        slot.spec = None
+
+
+class _Response:
+    """A generated token as the batch generator reports it, for a request
+    decoded outside the batch."""
+
+    def __init__(self, token: int, logprobs):
+        self.token, self.logprobs = token, logprobs
+        self.finish_reason = self.prompt_cache = self.all_tokens = None
 
 
 def _fault_processor(stage: str):

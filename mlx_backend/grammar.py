@@ -32,7 +32,7 @@ import numpy as np
 from .chat import load_json
 from .errors import BackendError, FailedPrecondition, InvalidArgument
 
-__all__ = ["GrammarSpec", "compile_grammar", "llg_tokenizer"]
+__all__ = ["GrammarSpec", "compile_grammar", "compile_lark", "llg_tokenizer"]
 
 _NEG_INF_BITS = 0xFF800000  # float32 -inf as a bit pattern
 _ERROR_CHARS = 500  # how much of a matcher's (possibly huge) error text to keep
@@ -140,18 +140,37 @@ def compile_grammar(grammar: str, tokenizer) -> "GrammarSpec":
     GBNF. Raises `InvalidArgument("Grammar is invalid: ...")` with the parser's
     message when the grammar or schema is invalid.
     """
+    kind, text = _grammar_text(grammar)
+    return _compile(kind, text, tokenizer, "Grammar")
+
+
+def compile_lark(lark: str, tokenizer, *, kind: str = "lark",
+                 what: str = "the grammar") -> "GrammarSpec":
+    """Compile a Lark grammar in llguidance's dialect (special tokens as
+    `<name>` or `<[id]>`, inline `%json {...}` schemas) built by the backend
+    itself, such as a tool-choice grammar. Errors are `InvalidArgument`
+    starting with `what`."""
     import llguidance
 
-    kind, text = _grammar_text(grammar)
+    try:
+        text = llguidance.LLMatcher.grammar_from_lark(lark)
+    except Exception as err:  # documented not to raise; be safe
+        raise InvalidArgument(f"{what} is invalid: {_short(str(err))}") from err
+    return _compile(kind, text, tokenizer, what)
+
+
+def _compile(kind: str, text: str, tokenizer, what: str) -> "GrammarSpec":
+    import llguidance
+
     lltok = llg_tokenizer(tokenizer)
     # Building the matcher compiles the grammar (and reports its errors); it
     # is kept pristine as the template each request's matcher is copied from.
     try:
         matcher = llguidance.LLMatcher(lltok, text, log_level=0)
     except Exception as err:  # errors are normally reported by is_error(); be safe
-        raise InvalidArgument(f"Grammar is invalid: {_short(str(err))}") from err
+        raise InvalidArgument(f"{what} is invalid: {_short(str(err))}") from err
     if matcher.is_error():
-        raise InvalidArgument(f"Grammar is invalid: {_short(matcher.get_error())}")
+        raise InvalidArgument(f"{what} is invalid: {_short(matcher.get_error())}")
     return GrammarSpec(kind, text, lltok, matcher)
 
 
@@ -159,7 +178,7 @@ class GrammarSpec:
     """A compiled grammar; `processor()` gives each request its own matcher."""
 
     def __init__(self, kind: str, grammar: str, lltok, template):
-        self.kind = kind          # "json_schema" or "gbnf"
+        self.kind = kind          # "json_schema", "gbnf", "tool_choice", "lark"
         self.grammar = grammar    # the llguidance grammar text
         self.lltok = lltok
         self.eos_ids = list(lltok.eos_tokens)

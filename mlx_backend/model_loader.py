@@ -8,6 +8,9 @@ models directory). We try them in that spirit: an existing `ModelFile`, then
 On the CPU, MLX's quantized matmul is not BLAS-backed and is several times
 slower than a float32 product through OpenBLAS, so quantized weights are
 dequantized to float32 at load unless the `dequantize:false` option says not to.
+
+LoRA adapters (`LoraAdapter(s)` / `LoraScale(s)`) are checked before the
+weights load and merged into them after the CPU fast path: see `adapters`.
 """
 
 import dataclasses
@@ -15,7 +18,7 @@ import logging
 import os
 import re
 import time
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,6 +47,8 @@ class LoadedModel:
     weight_format: str
     load_seconds: float
     settings: ModelSettings  # the LoadModel options it was loaded with
+    # LoRA adapters merged into `model`: (resolved path, LoraScale), in request order
+    adapters: List[Tuple[str, float]] = dataclasses.field(default_factory=list)
 
 
 def resolve_source(model: str, model_file: str = "", model_path: str = "") -> str:
@@ -150,13 +155,16 @@ def _context_length(config: dict, tokenizer, settings: ModelSettings, requested:
 
 
 def load_model(request, settings: ModelSettings) -> LoadedModel:
-    """Resolve, load and prepare a model for a `request.LoadRequest`;
-    raises NotFound or LoadError."""
+    """Resolve, load and prepare a model for a `request.LoadRequest`, with its
+    LoRA adapters merged in; raises NotFound or LoadError."""
     import mlx_lm
+
+    from . import adapters as lora
 
     name, context_size = request.model, request.context_size
     started = time.perf_counter()
     source = resolve_source(name, request.model_file, request.model_path)
+    adapters = lora.check(request, source)  # a bad adapter fails before the weights load
     folder = _model_folder(source, settings)
     try:
         model, tokenizer, config = mlx_lm.load(
@@ -164,6 +172,7 @@ def load_model(request, settings: ModelSettings) -> LoadedModel:
     except Exception as err:  # mlx-lm raises many kinds; all mean "cannot load"
         raise LoadError(f"{source}: cannot load model: {type(err).__name__}: {err}") from err
     weight_format = _apply_cpu_fast_path(model, settings)
+    adapters_line = lora.apply(model, config, adapters) if adapters else ""
     mx.eval(model.parameters())
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     loaded = LoadedModel(
@@ -176,11 +185,14 @@ def load_model(request, settings: ModelSettings) -> LoadedModel:
         weight_format=weight_format,
         load_seconds=time.perf_counter() - started,
         settings=settings,
+        adapters=[(a.path, a.scale) for a in adapters],
     )
     device = "cpu" if on_cpu() else "gpu"
     blas = blas_library() if on_cpu() else None
     log.info("loaded %s on %s: weights %s (%.1f MB), context %d, %.2fs", source, device,
              weight_format, weights_bytes / 2**20, loaded.context_length, loaded.load_seconds)
+    if adapters:
+        log.info("LoRA adapters: %s", adapters_line)
     if on_cpu():
         if blas:
             log.info("CPU fast path: BLAS %s", blas)

@@ -55,6 +55,7 @@ class ModelSettings:
     max_cache_entries: int = 64
     cache_bytes: Optional[int] = None  # None: derived from available memory
     max_kv_size: Optional[int] = None  # rotating KV window; None = unbounded
+    num_draft_tokens: int = 3  # speculative decoding with DraftModel (NDraft per request)
     kv_bits: Optional[int] = None  # quantized KV cache (mlx-lm's names); None = full precision
     kv_group_size: int = 64
     quantized_kv_start: int = 0
@@ -161,6 +162,7 @@ def _validate(s: ModelSettings):
         ("prefill_step_size", s.prefill_step_size >= 1),
         ("max_queue", s.max_queue >= 1),
         ("step_timeout", s.step_timeout == 0 or s.step_timeout >= 1),
+        ("num_draft_tokens", 1 <= s.num_draft_tokens <= 64),
         ("max_tokens", s.max_tokens >= 1),
         ("temperature", s.temperature >= 0),
         ("top_p", 0 <= s.top_p <= 1),

@@ -29,7 +29,10 @@ _PARTIAL = ".partial-"
 
 def model_identity(loaded) -> str:
     """A fingerprint of the loaded weights: a file saved under another model
-    (or another version of the same file) is never served."""
+    (or another version of the same file, or with other LoRA adapters or
+    scales) is never served."""
+    from .adapters import stamp as adapter_stamp
+
     source = loaded.source
     try:
         stat = os.stat(os.path.join(source, "config.json") if os.path.isdir(source) else source)
@@ -39,6 +42,11 @@ def model_identity(loaded) -> str:
     facts = [os.path.abspath(source) if os.path.exists(source) else source, stamp,
              loaded.weight_format, loaded.weights_bytes, loaded.context_length,
              len(loaded.tokenizer)]
+    # Adapters with scale 0 change nothing: the base model's caches fit.
+    adapters = [[path, scale, adapter_stamp(path)]
+                for path, scale in getattr(loaded, "adapters", None) or [] if scale != 0]
+    if adapters:  # without adapters the identity is what it always was
+        facts.append({"lora": adapters})
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:32]
 
 

@@ -15,6 +15,7 @@ from . import chat
 from .errors import InvalidArgument
 from .options import ModelSettings
 from .sampling import SamplingParams
+from .tool_choice import ToolChoice, parse_tool_choice
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ MAX_STOP_STRINGS = 64
 
 # PredictOptions fields MLX cannot honour: logged when a request sets them.
 _UNSUPPORTED = ("Mirostat", "MirostatETA", "MirostatTAU", "TailFreeSamplingZ", "TypicalP",
-                "NegativePrompt", "NegativePromptScale", "NDraft", "RopeFreqBase",
+                "NegativePrompt", "NegativePromptScale", "RopeFreqBase",
                 "RopeFreqScale", "PenalizeNL", "Images", "Videos", "Audios")
 
 
@@ -37,8 +38,10 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: Optional[object] = None  # a compiled grammar.GrammarSpec
+    tool_choice: ToolChoice = dataclasses.field(default_factory=ToolChoice)  # enforced by grammar
     tools: Optional[list] = None  # OpenAI tool definitions, for tool-call parsing
     checkpoint_tokens: Optional[List[int]] = None  # a prefix worth caching on its own
+    n_draft: int = 0  # NDraft: draft tokens per step; 0 = the option, < 0 = no drafting
     cache_path: str = ""  # a folder of saved prompt caches (PromptCachePath)
     cache_read_only: bool = False  # PromptCacheRO: use saved caches, write none
     cache_all: bool = False  # PromptCacheAll: also save finished turns
@@ -134,6 +137,16 @@ def _grammar(text: str, tokenizer):
     return compile_grammar(text, tokenizer)
 
 
+def _constraint(opts, choice: ToolChoice, prompt, tokens, tokenizer):
+    """The request's grammar: the user's Grammar, or the one enforcing ToolChoice."""
+    if not choice.constrains:
+        return _grammar(opts.Grammar, tokenizer)
+    from .tool_choice import tool_choice_grammar
+
+    return tool_choice_grammar(choice, prompt.tools, tokenizer, tokens,
+                               user_grammar=opts.Grammar, template_kwargs=prompt.kwargs)
+
+
 def _log_ignored(opts):
     ignored = [name for name in _UNSUPPORTED if getattr(opts, name)]
     if ignored:
@@ -157,6 +170,7 @@ def build_request(opts, loaded) -> GenerationRequest:
         raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, "
                               f"got {len(opts.StopPrompts)}")
     sampling = sampling_params(opts, settings, len(tokenizer))
+    choice = parse_tool_choice(opts.ToolChoice)
     context = loaded.context_length
     budget = context - max(opts.Tokens, 1) if settings.context_overflow == "truncate" else None
     prompt = chat.parse_prompt(opts)
@@ -185,9 +199,11 @@ def build_request(opts, loaded) -> GenerationRequest:
         ignore_eos=opts.IgnoreEOS,
         logprobs=opts.Logprobs > 0 or opts.TopLogprobs > 0,
         top_logprobs=opts.TopLogprobs,
-        grammar=_grammar(opts.Grammar, tokenizer),
+        grammar=_constraint(opts, choice, prompt, tokens, tokenizer),
+        tool_choice=choice,
         tools=prompt.tools,
         checkpoint_tokens=checkpoint,
+        n_draft=max(min(opts.NDraft, 64), -1),
         cache_path=opts.PromptCachePath or settings.prompt_cache_path or "",
         cache_read_only=opts.PromptCacheRO,
         cache_all=opts.PromptCacheAll,

@@ -59,18 +59,23 @@ def make_sampler(params: SamplingParams, vocab_size: int,
         return greedy_sampler
 
     seed = params.seed if params.seed is not None else random.getrandbits(63)
-    state = {"key": mx.random.key(seed)}
+    # Two streams of keys from the seed: one for sampling, one for XTC's
+    # coin, so enabling XTC does not shift the sampling draws.
+    state = {"key": mx.random.key(seed), "xtc": mx.random.key(seed ^ 0x5BD1E995)}
     inv_temp = 1.0 / params.temperature
 
-    def next_key():
-        state["key"], step_key = mx.random.split(state["key"])
+    def next_key(stream="key"):
+        state[stream], step_key = mx.random.split(state[stream])
         return step_key
 
     def xtc(x):
-        # mlx-lm's apply_xtc draws from the global random state; the draw that
-        # decides whether XTC fires comes from this request's key instead.
-        fires = mx.random.uniform(key=next_key()) < params.xtc_probability
-        return mx.where(fires, apply_xtc(x, 1.0, params.xtc_threshold, list(special_tokens)), x)
+        # mlx-lm's apply_xtc flips its coin with the global random state; the
+        # coin comes from this request's own key instead (always heads at 1).
+        masked = apply_xtc(x, 1.0, params.xtc_threshold, list(special_tokens))
+        if params.xtc_probability >= 1.0:
+            return masked
+        return mx.where(mx.random.uniform(key=next_key("xtc")) < params.xtc_probability,
+                        masked, x)
 
     filters = []
     if 0 < params.top_p < 1.0:
