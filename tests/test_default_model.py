@@ -65,3 +65,20 @@ def test_score_prefers_paris(loaded):
         prompt="The capital of France is", candidates=[" Paris", " London"]))
     paris, london = reply.candidates
     assert paris.log_prob > london.log_prob
+
+
+def test_speculative_decoding_is_token_identical(server):
+    """The default model as its own draft: every draft is right, and the
+    answer is exactly the one decoded without a draft."""
+    questions = ["What is the capital of France?", "Name three colours."]
+    server.load(default_model_path(), options=["prompt_cache:false"])
+    plain = [predict(server.stub, messages=[("user", q)], Tokens=24).message
+             for q in questions]
+    server.load(default_model_path(), options=["prompt_cache:false"],
+                DraftModel=str(default_model_path()))
+    assert [predict(server.stub, messages=[("user", q)], Tokens=24).message
+            for q in questions] == plain
+    counts = json.loads(server.stub.GetMetrics(backend_pb2.MetricsRequest())
+                        .prompt_json_for_slot)["speculative"]["total"]
+    assert counts["drafted"] > 0 and counts["accepted"] >= counts["drafted"] - 6
+    server.load(default_model_path())

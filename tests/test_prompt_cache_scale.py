@@ -129,3 +129,17 @@ def test_disk_budget_holds(server, tiny_model, tmp_path):
     total = sum(p.stat().st_size for p in saved_files(folder))
     assert 0 < total <= 2**20
     assert not [p for p in folder.iterdir() if "partial" in p.name]
+
+
+def test_cache_bytes_bounds_what_mlx_holds(server, tiny_model):
+    """Not just the number the cache reports: MLX's active memory beyond the
+    weights stays within the budget once the engine is idle."""
+    budget = 64 * 2**10
+    server.load(tiny_model, options=[f"cache_bytes:{budget}"])
+    for n in range(40):
+        predict(server.stub, f"prompt number {n} " + "about foxes " * (n % 7), Tokens=6,
+                IgnoreEOS=True)
+    memory = server.stub.Status(H).memory.breakdown
+    assert 0 < memory["prompt_cache"] <= budget
+    assert memory["prompt_cache_evictions"] > 0
+    assert memory["mlx_active"] - memory["weights"] <= budget + 256 * 2**10
