@@ -14,6 +14,10 @@ TARGETS = {
     "cache_unit": "< 2 ms; 2k-token lookups flat from 1k to 32k stored (32k/1k <= 2)",
     "new_conversations": "5th/2nd <= 1.2",
     "cache_restart": "warm/cold <= 0.2",
+    "kv_bytes_8": "8-bit <= 0.55x full",
+    "kv_bytes_4": "4-bit <= 0.35x full",
+    "kv_speed": "as measured (no target)",
+    "spec_batch": "on/off >= 0.95",
 }
 
 
@@ -130,6 +134,12 @@ def table(result) -> str:
     cv = M.get("conversations", {})
     if not err("conversations", "9", "new conversations / restart"):
         rows.extend(conversation_rows(cv))
+    kv = M.get("kv_quant", {})
+    if not err("kv_quant", "10", "quantized KV cache"):
+        rows.extend(kv_quant_rows(kv))
+    sp = M.get("speculative", {})
+    if not err("speculative", "11", "speculative decoding"):
+        rows.extend(speculative_rows(sp))
     return render(rows)
 
 
@@ -217,6 +227,84 @@ def conversation_rows(c) -> list:
                      f"{fmt(r.get('cold_processed'), '.0f')} / {fmt(r.get('warm_processed'), '.0f')}"
                      f" of {fmt(r.get('prompt_tokens'), '.0f')}, {r.get('files_saved')} files",
                      "", ""))
+    return [(a, b, m, t, ok if ok == "" else verdict(ok)) for a, b, m, t, ok in rows]
+
+
+KV_NAMES = {"kv8": "8-bit", "kv4": "4-bit"}
+
+
+def kv_quant_rows(k) -> list:
+    """Rows of the quantized KV cache bench (kv_quant.py)."""
+    rows = []
+    mem = k.get("memory", {})
+    if mem:
+        rows.append(("10", f"KV bytes/token (Status kv_cache), ~{mem.get('context_tokens')}"
+                           "-token context: full / 8-bit / 4-bit",
+                     " / ".join(fmt(mem.get(n, {}).get("kv_bytes_per_token"), ".0f")
+                                for n in ("full", "kv8", "kv4")), "", ""))
+        for name, label in KV_NAMES.items():
+            q = mem.get(name, {})
+            rows.append(("", f"  {label} / full KV bytes per token",
+                         f"{fmt(q.get('ratio'), '.3f')}x", TARGETS[f"kv_bytes_{name[2]}"],
+                         q.get("pass")))
+        rows.append(("", "  MLX active - weights, bytes/token: full / 8-bit / 4-bit",
+                     " / ".join(fmt(mem.get(n, {}).get("active_minus_weights_per_token"),
+                                    ".0f") for n in ("full", "kv8", "kv4"))
+                     + f" ({fmt(mem.get('kv8', {}).get('ratio_active'), '.2f')}x / "
+                       f"{fmt(mem.get('kv4', {}).get('ratio_active'), '.2f')}x)", "", ""))
+        rows.append(("", "  context: TTFT s / decode tok/s there, full / 8-bit / 4-bit",
+                     " / ".join(fmt(mem.get(n, {}).get("ttft_s")) for n in
+                                ("full", "kv8", "kv4")) + " s; "
+                     + " / ".join(fmt(mem.get(n, {}).get("decode_tps")) for n in
+                                  ("full", "kv8", "kv4")) + " tok/s", "", ""))
+    agree = k.get("agreement", {})
+    if agree:
+        for name, label in KV_NAMES.items():
+            a = agree.get(name, {})
+            rows.append(("" if rows else "10",
+                         f"greedy agreement with full KV, {label}, {agree.get('tokens')} tokens",
+                         f"{a.get('agree_fully')}/{agree.get('prompts')} prompts fully, mean "
+                         f"common prefix {fmt(a.get('mean_common_prefix'), '.1f')}", "", ""))
+    speed = k.get("speed", {})
+    for n in ("1", "8"):
+        lv = speed.get(n)
+        if lv:
+            rows.append(("", f"decode tok/s, {n} stream{'s' * (n != '1')}: full / 8-bit KV",
+                         f"{fmt(lv.get('full'))} / {fmt(lv.get('kv8'))} "
+                         f"({fmt(lv.get('ratio'), '.2f')}x)", TARGETS["kv_speed"], ""))
+    return [(a, b, m, t, ok if ok == "" else verdict(ok)) for a, b, m, t, ok in rows]
+
+
+SPEC_LABELS = {"n2": "NDraft 2", "n3": "NDraft 3 (default)", "n4": "NDraft 4"}
+
+
+def speculative_rows(p) -> list:
+    """Rows of the speculative decoding bench (speculative.py)."""
+    rows = []
+    single = p.get("single", {})
+    if single:
+        rows.append(("11", "decode tok/s, 1 stream, draft = the model itself: drafts off",
+                     fmt(single.get("off", {}).get("decode_tps")), "", ""))
+        for name, label in SPEC_LABELS.items():
+            v = single.get(name, {})
+            rows.append(("", f"  {label}: tok/s (on/off), acceptance",
+                         f"{fmt(v.get('decode_tps'))} ({fmt(v.get('ratio'), '.2f')}x), "
+                         f"{fmt(v.get('acceptance') and v['acceptance'] * 100, '.0f', '%')} "
+                         f"({v.get('accepted')}/{v.get('drafted')})", "", ""))
+    rows.append(("" if rows else "11", "prompt-lookup (n-gram) drafting",
+                 "not implemented" if p.get("prompt_lookup") else "n/a", "", ""))
+    rows.append(("", "a smaller real draft model"
+                 + (" (SmolLM2-135M is its family's smallest)" if p.get("default_model") else ""),
+                 "none at hand: not measured", "", ""))
+    batch = p.get("batch", {})
+    if batch:
+        rows.append(("", f"aggregate decode tok/s, {batch.get('streams')} streams: DraftModel "
+                         "off / on",
+                     f"{fmt(batch.get('off_tps'))} / {fmt(batch.get('on_tps'))} "
+                     f"({fmt(batch.get('ratio'), '.2f')}x; {batch.get('on_drafted')} drafted)",
+                     TARGETS["spec_batch"], batch.get("pass")))
+        rows.append(("", "  median of back-to-back pairs' on/off",
+                     fmt(batch.get("ratio_paired_median"), ".2f"), "", ""))
     return [(a, b, m, t, ok if ok == "" else verdict(ok)) for a, b, m, t, ok in rows]
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the MLX backend end to end, over real gRPC, in one run.
 
-    .venv/bin/python bench/run.py            # default model (SmolLM2-135M GGUF), ~10 min on 2 CPU cores
+    .venv/bin/python bench/run.py            # default model (SmolLM2-135M GGUF), ~20 min on 2 CPU cores
     .venv/bin/python bench/run.py --quick    # smoke run: fewer repeats and tokens
     .venv/bin/python bench/run.py --model PATH   # a model folder or .gguf file
     .venv/bin/python bench/run.py --tiny     # the tests' tiny random model (mechanics only)
@@ -22,11 +22,16 @@ ratios compare like with like on a noisy machine):
      alone: bench/cache_unit.py);
   9. chats: TTFT of the 5th vs the 2nd new conversation behind one system
      prompt, and warm-after-restart with prompt_cache_path (new server, same
-     folder) vs cold.
+     folder) vs cold;
+ 10. quantized KV cache (kv_bits 8 and 4 vs full precision, servers side by
+     side): KV bytes per token at a long context, greedy agreement over 64
+     tokens, decode tok/s at 1 and 8 streams;
+ 11. speculative decoding with the model as its own draft: single-stream tok/s
+     and acceptance at NDraft off/2/3/4, and 8 streams with DraftModel on vs off.
 One module per measurement (overhead, scaling, ttft_load, health, prompt_cache,
-cache_bound, load_time, cache_unit, conversations); this file runs them in
-order and report.py prints a table with targets and writes it as JSON under
-bench/results/.
+cache_bound, load_time, cache_unit, conversations, kv_quant, speculative); this
+file runs them in order and report.py prints a table with targets and writes it
+as JSON under bench/results/.
 """
 
 import argparse
@@ -40,11 +45,13 @@ from pathlib import Path
 import cache_bound
 import cache_unit
 import conversations
+import kv_quant
 import load_time
 import overhead
 import prompt_cache
 import report
 import scaling
+import speculative
 import ttft_load
 from common import log
 from machine import load_average, machine_info
@@ -56,7 +63,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Measured after load_time (which starts the main server) and prepare, in this order.
 PHASES = (("overhead", overhead.run), ("concurrency", scaling.run),
           ("ttft_load", ttft_load.run), ("prompt_cache", prompt_cache.run),
-          ("conversations", conversations.run), ("cache_bound", cache_bound.run))
+          ("conversations", conversations.run), ("cache_bound", cache_bound.run),
+          ("kv_quant", kv_quant.run), ("speculative", speculative.run))
 # Measured first, before any server starts: they need none.
 SERVERLESS = (("cache_unit", cache_unit.run),)
 
@@ -132,6 +140,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a fast smoke run")
     parser.add_argument("--reps", type=int, help="repeats per measurement (default 3; quick 1)")
     parser.add_argument("--tokens", type=int, help="decode tokens per stream")
+    parser.add_argument("--kv-context", type=int,
+                        help="context (prompt + decode tokens) of the quantized-KV bytes runs "
+                             "(default 1024 quick; 4096, or 2048 on a slow machine)")
     parser.add_argument("--cache-budget",
                         help="cache_bytes for the memory-bound check (default 8MB; 64KB "
                              "with --tiny)")
@@ -139,7 +150,8 @@ def main(argv=None):
     parser.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
                         help="comma-separated subset of phases: load_time, overhead, "
                              "concurrency (incl. Health), ttft_load, prompt_cache, "
-                             "conversations, cache_bound, cache_unit (no server)")
+                             "conversations, cache_bound, kv_quant, speculative, "
+                             "cache_unit (no server)")
     parser.add_argument("--no-raw-batch", action="store_true",
                         help="skip the raw BatchGenerator baseline of the 16-stream runs")
     args = parser.parse_args(argv)

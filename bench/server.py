@@ -16,10 +16,11 @@ class Server(ServerProcess):
     def __init__(self, log_dir: Path, name: str, env: Optional[Dict[str, str]] = None):
         super().__init__(Path(log_dir), env=env, name=name)
 
-    def load(self, model: str, options=()) -> dict:
-        """LoadModel; returns the client-side wall time and the server's message."""
+    def load(self, model: str, options=(), **fields) -> dict:
+        """LoadModel (`fields`: more ModelOptions, e.g. DraftModel); returns the
+        client-side wall time and the server's message."""
         t0 = time.perf_counter()
-        result = load_model(self.stub, model, options, timeout=900)
+        result = load_model(self.stub, model, options, timeout=900, **fields)
         wall = time.perf_counter() - t0
         if not result.success:
             raise RuntimeError(f"LoadModel({model}) failed: {result.message}")

@@ -20,7 +20,7 @@ from streams import predict_options, run_stream
 class Config:
     """Work sizes. Token counts adapt to the machine (see `fit_tokens`) unless --tokens."""
 
-    def __init__(self, quick: bool, reps=None, tokens=None):
+    def __init__(self, quick: bool, reps=None, tokens=None, kv_context=None):
         self.quick = quick
         self.reps = reps or (1 if quick else 3)
         self.tokens_override = tokens
@@ -39,6 +39,20 @@ class Config:
         self.bound_every = 20 if quick else 50
         self.bound_workers = 8
         self.load_reps = 1 if quick else 2
+        # Prompt + decode of the KV-bytes runs: ~1k quick; 4k in the full run where
+        # prefill is fast enough (see fit_tokens), else 2k (4k of prefill, three
+        # times, takes minutes on a small CPU). One run per format: bytes are exact.
+        self.kv_context = kv_context or (1024 if quick else 4096)
+        self.kv_context_override = kv_context
+        self.kv_memory_reps = 1
+        self.kv_tokens = tokens or (32 if quick else 64)  # decoded while Status is read
+        self.agree_prompts = 3 if quick else 6  # greedy agreement, quantized vs full KV
+        self.agree_tokens = 64
+        self.kv_stream_tokens = tokens or (32 if quick else 64)  # per stream, KV speed runs
+        self.spec_tokens = tokens or (32 if quick else 64)  # single-stream speculative runs
+        self.spec_batch_tokens = tokens or (32 if quick else 64)  # per stream, 8 streams
+        # on/off pairs at 8 streams: a ratio near 1 on a noisy machine needs several
+        self.spec_batch_reps = max(3, self.reps) if quick else self.reps + 2
         self.single_stream_estimate_tps = None
 
     def fit_tokens(self, tps: float):
@@ -46,29 +60,34 @@ class Config:
         and ~5 s of per-stream decode in the scaling runs on slow machines, and
         enough tokens for stable rates on fast ones (a GPU)."""
         self.single_stream_estimate_tps = tps
+        if not self.quick and not self.kv_context_override and tps and tps < 40:
+            self.kv_context = 2048
         if self.tokens_override or not tps:
             return
         seconds = (4, 2) if self.quick else (8, 5)
         self.decode_tokens = int(min(512, max(self.decode_tokens, tps * seconds[0])))
         self.conc_tokens = int(min(256, max(self.conc_tokens, tps * seconds[1])))
+        self.kv_stream_tokens = int(min(256, max(self.kv_stream_tokens, tps * seconds[1])))
+        self.spec_tokens = int(min(512, max(self.spec_tokens, tps * seconds[0])))
+        self.spec_batch_tokens = int(min(256, max(self.spec_batch_tokens, tps * seconds[1])))
 
     def as_dict(self):
         return dict(vars(self))
 
 
-def build_tiny_model(path: Path) -> Path:
+def build_tiny_model(path: Path, **kwargs) -> Path:
     """The tests' tiny random model, loaded from its file: bench stays independent of
-    the tests' import setup (conftest, sys.path)."""
+    the tests' import setup (conftest, sys.path). `kwargs`: its sizes (hidden_size...)."""
     spec = importlib.util.spec_from_file_location("tiny_model", ROOT / "tests" / "tiny_model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.build_tiny_model(path)
+    return module.build_tiny_model(path, **kwargs)
 
 
 class Session:
     def __init__(self, args):
         self.args = args
-        self.cfg = Config(args.quick, args.reps, args.tokens)
+        self.cfg = Config(args.quick, args.reps, args.tokens, args.kv_context)
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
         self.workdir = Path(tempfile.mkdtemp(prefix="mlx-bench-"))
         self.logdir = Path(args.out) / f"{self.stamp}-logs"

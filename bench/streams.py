@@ -168,3 +168,14 @@ def summarize_streams(results) -> dict:
     out["per_stream_tps"] = median(rates)
     out["ttft_s_median"] = median([r.ttft for r in results])
     return out
+
+
+def warm_up(server, prompts, tokens: int = 8):
+    """Unmeasured requests on a fresh server: one alone, then all together (the
+    first request and the first batch of a size compile and allocate)."""
+    for batch in ([prompts[0]], prompts):
+        bg = Background(server.stub, [predict_options(p, tokens) for p in batch])
+        bg.join()
+        server.wait_idle()
+        if bg.errors():
+            raise RuntimeError(f"warm-up on server {server.name}: {bg.errors()[0]}")

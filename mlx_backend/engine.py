@@ -45,8 +45,8 @@ from .prompt_store import PromptStore, model_identity
 from .request import GenerationRequest, LoadRequest
 from .response_parser import ResponseParser
 from .sampling import greedy_sampler
-from .speculative import SoloSpeculation, check_vocabulary
 from .scoring import embed, score_candidates
+from .speculative import SoloSpeculation, check_vocabulary
 
 log = logging.getLogger(__name__)
 

@@ -48,6 +48,7 @@ class SoloSpeculation:
         _feed(draft, draft_cache, cached_tokens, prefill_step)
         self.cache = cache
         self.num_draft = num_draft
+        self._left = max_tokens  # tokens the steps may still yield
         self.drafted = 0
         self.accepted = 0
         self._steps = speculative_generate_step(
@@ -58,14 +59,16 @@ class SoloSpeculation:
 
     def round(self) -> List[Tuple[int, mx.array]]:
         """The tokens of one round, with their log-probabilities ([] at the end)."""
+        planned = min(self.num_draft, self._left)  # what mlx-lm drafts this round
         tokens = []
         for token, logprobs, from_draft in self._steps:
             tokens.append((int(token), logprobs))
-            if from_draft:
-                self.accepted += 1
-                continue
-            self.drafted += self.num_draft
-            break
+            self._left -= 1
+            if not from_draft:
+                break
+            self.accepted += 1
+        if tokens:
+            self.drafted += planned
         return tokens
 
     def close(self):

@@ -38,7 +38,7 @@ def test_greedy_output_equals_output_without_a_draft(server, tiny_model, tiny_mo
     for prompt in PROMPTS:
         assert greedy(server.stub, prompt) == plain[prompt]
         counts = draft_counts(server.stub)
-        assert counts["drafted"] > 0
+        assert 0 < counts["drafted"] and counts["accepted"] <= counts["drafted"]
         if draft == "same":  # a draft equal to the model is always right
             assert counts["accepted"] >= counts["drafted"] - 3
     breakdown = server.stub.Status(H).memory.breakdown
