@@ -13,12 +13,10 @@ inserted back under exactly the tokens it holds.
 
 import concurrent.futures
 import contextlib
-import copy
 import dataclasses
 import gc
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
@@ -26,8 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import (KVCache, QuantizedKVCache, can_trim_prompt_cache,
-                                  trim_prompt_cache)
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from . import faults
 from .adapters import check as check_adapters
@@ -35,8 +32,9 @@ from .errors import (BackendError, Cancelled, FailedPrecondition, InvalidArgumen
                      ResourceExhausted, Unavailable)
 from .events import POLL_SECONDS, Delta, Done, Failed, RequestHandle, Usage
 from .generation import StopRule, plan_generation
-from .kv_quant import (batchable, check_head_dim, compact_quantized, kv_quantization,
-                       make_quantized_cache, quantized_prefix)
+from .kv_cache import (MIN_LONGER_KEEP, cache_nbytes, compact, default_cache_bytes,
+                       kv_length, kv_prefix)
+from .kv_quant import batchable, check_head_dim, kv_quantization, make_quantized_cache
 from .model_loader import LoadedModel, load_model
 from .options import ModelSettings, parse_options
 from .output import TokenBytes, logprob_entry
@@ -84,68 +82,6 @@ def _guarded(fn, errors: List[Exception]):
             errors.append(err)
             return args[-1] if len(args) > 1 else mx.argmax(args[0], axis=-1)
     return call
-
-
-def _kv_length(cache) -> Optional[int]:
-    offsets = {getattr(layer, "offset", None) for layer in cache}
-    return offsets.pop() if len(offsets) == 1 else None
-
-
-def _compact(cache):
-    """Make a cache hold only its own positions before it is stored.
-
-    KV state extracted from a batch is a lazy view of the whole batch buffer
-    until evaluated, and a standalone KVCache grows in 256-position steps;
-    either way the stored entry would pin far more memory than it reports.
-    """
-    for layer in cache:
-        keys = getattr(layer, "keys", None)
-        if isinstance(layer, QuantizedKVCache):
-            compact_quantized(layer)
-        elif isinstance(layer, KVCache) and keys is not None and keys.shape[2] > layer.offset:
-            layer.keys = mx.contiguous(keys[..., :layer.offset, :])
-            layer.values = mx.contiguous(layer.values[..., :layer.offset, :])
-    mx.eval([layer.state for layer in cache])
-
-
-def _kv_prefix(cache, keep: int):
-    """A new cache holding the first `keep` positions of `cache`, copying only
-    those (a longer prompt-cache match, or a copy of a pinned checkpoint)."""
-    if all(type(layer) is QuantizedKVCache for layer in cache):
-        out = [quantized_prefix(layer, keep) for layer in cache]
-        mx.eval([layer.state for layer in out])
-        return out
-    if not all(type(layer) is KVCache for layer in cache):  # rotating, ...
-        copied = copy.deepcopy(cache)
-        trim_prompt_cache(copied, _kv_length(copied) - keep)
-        return copied
-    out = []
-    for layer in cache:
-        fresh = KVCache()
-        fresh.keys = mx.contiguous(layer.keys[..., :keep, :])
-        fresh.values = mx.contiguous(layer.values[..., :keep, :])
-        fresh.offset = keep
-        out.append(fresh)
-    mx.eval([layer.state for layer in out])
-    return out
-
-
-# A longer match copies part of a stored cache; below this many tokens the
-# copy is not worth making (computing two tokens costs about what copying does).
-MIN_LONGER_KEEP = 2
-
-
-def _cache_nbytes(cache) -> int:
-    return sum(layer.nbytes for layer in cache)
-
-
-def default_cache_bytes() -> int:
-    """A quarter of the memory available now (bounded KV cache by default)."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        available = 8 * 2**30
-    return max(available // 4, 64 * 2**20)
 
 
 class Engine:
@@ -438,9 +374,9 @@ class Engine:
             max_size=settings.max_cache_entries,
             can_trim_fn=can_trim_prompt_cache,
             trim_fn=trim_prompt_cache,
-            slice_fn=_kv_prefix,
+            slice_fn=kv_prefix,
             max_bytes=max_bytes,
-            nbytes_fn=_cache_nbytes,
+            nbytes_fn=cache_nbytes,
             min_longer_keep=MIN_LONGER_KEEP,
             count_keys=True,
         )
@@ -557,11 +493,11 @@ class Engine:
     def insert_cache(self, tokens: List[int], cache, pinned: bool = False) -> bool:
         if not self.settings.prompt_cache or not tokens or not cache:
             return False
-        if _kv_length(cache) != len(tokens):
+        if kv_length(cache) != len(tokens):
             log.error("not caching: KV holds %s positions for %d tokens",
-                      _kv_length(cache), len(tokens))
+                      kv_length(cache), len(tokens))
             return False
-        _compact(cache)
+        compact(cache)
         self.prompt_cache.insert_cache(self._model_key, list(tokens), cache, pinned=pinned)
         return True
 
@@ -710,7 +646,7 @@ class Engine:
         self.draft_stats["drafted"] += spec.drafted
         self.draft_stats["accepted"] += spec.accepted
         everything = slot.handle.request.prompt_tokens + slot.generated
-        return cache, everything[:_kv_length(cache)]
+        return cache, everything[:kv_length(cache)]
 
     def _join_batch(self, slot: _Slot):
         """Move a speculating request into the batch, its KV cache as it is:

@@ -20,6 +20,8 @@ from typing import Iterator, List, Optional, Tuple
 import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
+from .kv_cache import kv_length
+
 log = logging.getLogger(__name__)
 
 FORMAT = "mlx-backend-prompt-cache-1"
@@ -48,11 +50,6 @@ def model_identity(loaded) -> str:
     if adapters:  # without adapters the identity is what it always was
         facts.append({"lora": adapters})
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:32]
-
-
-def _kv_length(cache) -> Optional[int]:
-    offsets = {getattr(layer, "offset", None) for layer in cache}
-    return offsets.pop() if len(offsets) == 1 else None
 
 
 class PromptStore:
@@ -93,7 +90,7 @@ class PromptStore:
             tokens = json.loads(metadata["tokens"])
             if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
                 raise ValueError("bad token list")
-            if _kv_length(cache) != len(tokens) or self._path(tokens) != path:
+            if kv_length(cache) != len(tokens) or self._path(tokens) != path:
                 raise ValueError("KV length or name does not match its tokens")
             mx.eval([layer.state for layer in cache])
         except Exception as err:  # corrupt or truncated: never served
