@@ -291,8 +291,14 @@ def speculative_rows(p) -> list:
                          f"{fmt(v.get('decode_tps'))} ({fmt(v.get('ratio'), '.2f')}x), "
                          f"{fmt(v.get('acceptance') and v['acceptance'] * 100, '.0f', '%')} "
                          f"({v.get('accepted')}/{v.get('drafted')})", "", ""))
-    rows.append(("" if rows else "11", "prompt-lookup (n-gram) drafting",
-                 "not implemented" if p.get("prompt_lookup") else "n/a", "", ""))
+    look = p.get("lookup", {})
+    if look:
+        rows.append(("", "prompt lookup (n-gram, no draft model), repeat-a-passage prompt: "
+                         "tok/s off / on, acceptance",
+                     f"{fmt(look.get('off_tps'))} / {fmt(look.get('on_tps'))} "
+                     f"({fmt(look.get('ratio'), '.2f')}x), "
+                     f"{fmt(look.get('acceptance') and look['acceptance'] * 100, '.0f', '%')} "
+                     f"({look.get('accepted')}/{look.get('drafted')})", "", ""))
     rows.append(("", "a smaller real draft model"
                  + (" (SmolLM2-135M is its family's smallest)" if p.get("default_model") else ""),
                  "none at hand: not measured", "", ""))

@@ -6,7 +6,10 @@ PredictOptions.NDraft per request), in one run:
      and verifying), per request with NDraft -1 (off), 2, 3 (the default) and
      4, interleaved, distinct short greedy prompts; the acceptance rate
      (accepted/drafted) from GetMetrics' `speculative.last_request`;
-  b. prompt-lookup (n-gram) drafting: not implemented, a row says so;
+  b. prompt-lookup (n-gram) drafting (option `prompt_lookup:true`, no draft
+     model) on a summarising prompt that repeats long spans of its input:
+     single-stream tok/s with drafts (NDraft 0: the option's 3) vs off (NDraft -1),
+     interleaved on one server, and the acceptance rate;
   c. a smaller real draft: none measured (for the default SmolLM2-135M none
      exists: it is the smallest of its family), a row says so;
   d. 8-stream aggregate decode tok/s on the draft server vs a server started the
@@ -77,6 +80,48 @@ def single(s, server, out):
         out["warning"] = "; ".join(warnings)
 
 
+PASSAGE = ("The river town kept its old stone bridge, its market on Thursdays and its small "
+           "library by the square. Every spring the river rose, every summer the market "
+           "filled with cherries, and every winter the library stayed open late so that "
+           "children could read by the stove. ")
+
+
+def lookup_request(tokens: int, n_draft: int, salt: int):
+    """A chat asking the model to repeat a passage: answers copy long spans."""
+    import backend_pb2
+
+    text = PASSAGE * 2 + f"(Copy {salt}.)"
+    return backend_pb2.PredictOptions(
+        Messages=[backend_pb2.Message(role="user", content="Repeat this text exactly, word "
+                                      f"for word:\n\n{text}")],
+        UseTokenizerTemplate=True, Tokens=tokens, IgnoreEOS=True, NDraft=n_draft)
+
+
+def lookup(s, server, out):
+    tokens = s.cfg.spec_tokens
+    runs = {"off": [], "on": []}
+    for rep in range(s.cfg.reps):
+        order = (("off", -1), ("on", 0)) if rep % 2 == 0 else (("on", 0), ("off", -1))
+        for name, n_draft in order:
+            res = run_stream(server.stub, lookup_request(tokens, n_draft, rep))
+            server.wait_idle()
+            if res.error:
+                raise RuntimeError(f"prompt lookup {name}: {res.error}")
+            last = spec_stats(server).get("last_request", {})
+            runs[name].append({"decode_tps": res.decode_rate(), "drafted": last.get("drafted", 0),
+                               "accepted": last.get("accepted", 0)})
+            log(f"    rep {rep} prompt lookup {name}: {fmt(runs[name][-1]['decode_tps'])} tok/s, "
+                f"{last.get('accepted', 0)}/{last.get('drafted', 0)} drafts accepted")
+    res = {"tokens": tokens, "runs": runs}
+    for name in runs:
+        res[f"{name}_tps"] = median([r["decode_tps"] for r in runs[name]])
+    res["drafted"] = sum(r["drafted"] for r in runs["on"])
+    res["accepted"] = sum(r["accepted"] for r in runs["on"])
+    res["acceptance"] = ratio(res["accepted"], res["drafted"])
+    res["ratio"] = ratio(res["on_tps"], res["off_tps"])
+    out["lookup"] = res
+
+
 def batch(s, draft_server, plain_server, out):
     tokens = s.cfg.spec_batch_tokens
     sides = (("off", plain_server), ("on", draft_server))
@@ -134,11 +179,17 @@ def run(s):
         out["draft_weights_bytes"] = server.status().get("draft_weights")
         single(s, server, out)
         batch(s, server, plain, out)
+        s.stop_server(plain)
+        servers.remove(plain)
+        finder = s.server("prompt-lookup")
+        servers.append(finder)
+        finder.load(s.model, options=["prompt_lookup:true"])
+        warm_up(finder, warm)
+        lookup(s, finder, out)
     finally:
         for each in servers:
             s.stop_server(each)
     out["default_model"] = s.is_default
-    out["prompt_lookup"] = "not implemented (the engine drafts only with a DraftModel)"
     out["smaller_draft"] = (
         "not measured: SmolLM2-135M is the smallest model of its family, so no smaller "
         "draft shares its tokenizer" if s.is_default else

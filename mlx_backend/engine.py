@@ -44,7 +44,7 @@ from .request import GenerationRequest, LoadRequest
 from .response_parser import ResponseParser
 from .sampling import greedy_sampler
 from .scoring import embed, score_candidates
-from .speculative import SoloSpeculation, check_vocabulary
+from .speculative import PromptLookupDraft, SoloSpeculation, check_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Engine:
         self.last_metrics: dict = {}
         self.failure: Optional[str] = None  # why the engine can no longer serve; sticky
         self.kv_quant = None  # (bits, group size) of a quantized KV cache, or None
-        self.draft: Optional[LoadedModel] = None  # DraftModel, for speculative decoding
+        self.draft = None  # DraftModel (or prompt lookup), for speculative decoding
         self.draft_stats = {"drafted": 0, "accepted": 0}  # lifetime counters
         self._solo_uids = itertools.count(-1, -1)  # ids of requests outside the batch
         self._kv_bytes = 0  # KV state of the running batch, measured after each step
@@ -395,13 +395,20 @@ class Engine:
             self._store(settings.prompt_cache_path)
         return loaded
 
-    def _load_draft(self, request: LoadRequest, settings, loaded) -> Optional[LoadedModel]:
-        """The DraftModel, resolved like Model, checked to share its vocabulary."""
-        if not request.draft_model:
+    def _load_draft(self, request: LoadRequest, settings, loaded):
+        """The DraftModel, resolved like Model, checked to share its vocabulary;
+        or the prompt-lookup draft; or None."""
+        if not request.draft_model and not settings.prompt_lookup:
             return None
         if settings.max_kv_size:
-            raise InvalidArgument("DraftModel cannot be combined with max_kv_size: "
-                                  "speculative decoding needs a cache it can rewind")
+            raise InvalidArgument("speculative decoding cannot be combined with max_kv_size: "
+                                  "it needs a cache it can rewind")
+        if settings.prompt_lookup:
+            if request.draft_model:
+                raise InvalidArgument("choose one draft: DraftModel or prompt_lookup:true")
+            args = getattr(loaded.model, "args", None)
+            vocab = max(len(loaded.tokenizer), getattr(args, "vocab_size", 0) or 0)
+            return PromptLookupDraft(vocab)
         draft = load_model(LoadRequest(request.draft_model, model_path=request.model_path),
                            settings)
         check_vocabulary(loaded.tokenizer, draft.tokenizer, request.draft_model)

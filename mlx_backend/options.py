@@ -56,6 +56,7 @@ class ModelSettings:
     cache_bytes: Optional[int] = None  # None: derived from available memory
     max_kv_size: Optional[int] = None  # rotating KV window; None = unbounded
     num_draft_tokens: int = 3  # speculative decoding with DraftModel (NDraft per request)
+    prompt_lookup: bool = False  # draft from n-grams of the sequence itself, no draft model
     kv_bits: Optional[int] = None  # quantized KV cache (mlx-lm's names); None = full precision
     kv_group_size: int = 64
     quantized_kv_start: int = 0

@@ -29,10 +29,87 @@ def check_vocabulary(target_tokenizer, draft_tokenizer, draft_name: str) -> None
                               f"differ): the draft must share the model's tokenizer")
 
 
+class PromptLookupDraft:
+    """A draft without weights: it proposes the tokens that followed the last
+    occurrence of the current n-gram earlier in the sequence (prompt lookup,
+    as llama.cpp offers). It pays on prompts whose answer repeats long spans
+    of the prompt: summaries, edits, extraction, code.
+
+    It looks like a model to mlx-lm's speculative step: called on tokens with
+    its cache, it returns logits that put all the mass on its guess.
+    """
+
+    NGRAM_MAX = 4
+    weights_bytes = 0
+    source = "prompt lookup"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.model = self  # the engine reads `.model` from a loaded draft
+
+    def make_cache(self):
+        return [_TokenHistory()]
+
+    def __call__(self, inputs: mx.array, cache):
+        history = cache[0]
+        history.extend(inputs.reshape(-1).tolist())
+        guess = history.guess(self.NGRAM_MAX)
+        logits = mx.where(mx.arange(self.vocab_size) == guess, 0.0, -1e9)
+        return logits.reshape(1, 1, self.vocab_size)
+
+
+class _TokenHistory:
+    """The draft's "cache": the tokens seen so far, rewindable like a KV cache,
+    with where each n-gram starts, so a guess does not scan the sequence."""
+
+    def __init__(self, ngram_max: int = PromptLookupDraft.NGRAM_MAX):
+        self.tokens: List[int] = []
+        self._ngram_max = ngram_max
+        self._starts = {}  # n-gram tuple -> the positions it starts at, in order
+
+    @property
+    def offset(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def state(self):
+        return []
+
+    def extend(self, tokens: List[int]):
+        for token in tokens:
+            self.tokens.append(token)
+            last = len(self.tokens) - 1
+            for n in range(1, min(self._ngram_max, last + 1) + 1):
+                start = last - n + 1
+                self._starts.setdefault(tuple(self.tokens[start:]), []).append(start)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(n, len(self.tokens))
+        del self.tokens[len(self.tokens) - n:]
+        return n  # index entries past the end are dropped when met
+
+    def guess(self, ngram_max: int) -> int:
+        """The token after the latest earlier match of the longest suffix n-gram
+        (the last token again when nothing matches: a cheap, usually wrong guess)."""
+        tokens, length = self.tokens, len(self.tokens)
+        for n in range(min(ngram_max, length - 1), 0, -1):
+            suffix = tuple(tokens[-n:])
+            starts = self._starts.get(suffix, [])
+            while starts and starts[-1] + n > length:  # indexed before a trim
+                starts.pop()
+            for start in reversed(starts):
+                if start + n < length and tuple(tokens[start:start + n]) == suffix:
+                    return tokens[start + n]
+        return tokens[-1] if tokens else 0
+
+
 def _feed(model, cache, tokens: List[int], step: int) -> None:
     for start in range(0, len(tokens), step):
         model(mx.array([tokens[start:start + step]]), cache=cache)
-        mx.eval([c.state for c in cache])
+        mx.eval([c.state for c in cache])  # the logits are not needed: never computed
 
 
 class SoloSpeculation:

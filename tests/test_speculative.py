@@ -118,3 +118,25 @@ def test_a_draft_with_another_vocabulary_fails_load(server, tiny_model, tmp_path
     result = server.stub.LoadModel(backend_pb2.ModelOptions(
         Model=str(tiny_model), DraftModel=str(other)), timeout=120)
     assert not result.success and "vocabulary" in result.message
+
+
+def test_prompt_lookup_drafts_are_exact_and_accepted_on_repeats(server, tiny_model, plain):
+    server.load(tiny_model, options=["prompt_lookup:true", "prompt_cache:false"])
+    for prompt in PROMPTS:
+        assert greedy(server.stub, prompt) == plain[prompt]
+    # The random model repeats itself: copies of earlier spans are drafted and kept.
+    repeat = "red fox blue dog " * 12
+    server.load(tiny_model, options=["prompt_cache:false"])
+    expected = greedy(server.stub, repeat, 64)
+    server.load(tiny_model, options=["prompt_lookup:true", "prompt_cache:false"])
+    assert greedy(server.stub, repeat, 64) == expected
+    counts = draft_counts(server.stub)
+    assert 0 < counts["accepted"] <= counts["drafted"]
+    assert server.stub.Status(H).memory.breakdown["draft_weights"] == 0
+
+
+def test_prompt_lookup_and_a_draft_model_are_exclusive(server, tiny_model):
+    result = server.stub.LoadModel(backend_pb2.ModelOptions(
+        Model=str(tiny_model), DraftModel=str(tiny_model), Options=["prompt_lookup:true"]),
+        timeout=60)
+    assert not result.success and "choose one" in result.message
