@@ -140,3 +140,33 @@ def test_prompt_lookup_and_a_draft_model_are_exclusive(server, tiny_model):
         Model=str(tiny_model), DraftModel=str(tiny_model), Options=["prompt_lookup:true"]),
         timeout=60)
     assert not result.success and "choose one" in result.message
+
+
+def test_with_a_quantized_kv_cache(server, tmp_path):
+    """Speculation, joining the batch and the prompt cache with 8-bit KV."""
+    wide = build_tiny_model(tmp_path / "wide", hidden_size=256)  # head dim 64
+    server.load(wide, options=["kv_bits:8"])
+    plain = {p: greedy(server.stub, p, 200) for p in PROMPTS}
+    server.load(wide, options=["kv_bits:8", "prompt_lookup:true"])
+    results, started = {}, threading.Event()
+
+    def first():
+        text = b""
+        for reply in server.stub.PredictStream(backend_pb2.PredictOptions(
+                Prompt=PROMPTS[0], Tokens=200, IgnoreEOS=True), timeout=120):
+            text += reply.message
+            started.set()
+        results[PROMPTS[0]] = text
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    assert started.wait(60)
+    threads += [threading.Thread(target=lambda p=p: results.__setitem__(
+        p, greedy(server.stub, p, 200))) for p in PROMPTS[1:]]
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == plain
+    assert "joins the batch" in server.log_text()
+    assert [greedy(server.stub, p, 200) for p in PROMPTS] == [plain[p] for p in PROMPTS]
