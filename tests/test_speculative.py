@@ -24,6 +24,33 @@ def draft_counts(stub):
     return metrics["speculative"]["last_request"]
 
 
+def first_alone_then_others(server, n):
+    """The first prompt streams alone (so it speculates); the others arrive
+    once it has started, and it joins their batch. Every text, by prompt."""
+    results, started = {}, threading.Event()
+
+    def first():
+        text = b""
+        for reply in server.stub.PredictStream(backend_pb2.PredictOptions(
+                Prompt=PROMPTS[0], Tokens=n, IgnoreEOS=True), timeout=120):
+            text += reply.message
+            started.set()
+        results[PROMPTS[0]] = text
+
+    def other(prompt):
+        results[prompt] = greedy(server.stub, prompt, n)
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    assert started.wait(60)
+    threads += [threading.Thread(target=other, args=(p,)) for p in PROMPTS[1:]]
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 @pytest.fixture(scope="module")
 def plain(server, tiny_model):
     server.load(tiny_model)
@@ -70,34 +97,12 @@ def test_batched_streams_join_the_batch_and_keep_their_tokens(server, tiny_model
                                                               tiny_model_b, plain):
     """The first request speculates alone; the others arrive mid-way, it joins
     the batch, and everyone gets exactly the tokens of a plain run."""
-    server.load(tiny_model, DraftModel=str(tiny_model_b), options=["prompt_cache:false"])
-    long_plain = {}
     server.load(tiny_model, options=["prompt_cache:false"])
     long_plain = {p: greedy(server.stub, p, 300) for p in PROMPTS}
     server.load(tiny_model, DraftModel=str(tiny_model_b), options=["prompt_cache:false"])
-    results, started = {}, threading.Event()
-
-    def first():
-        text = b""
-        for reply in server.stub.PredictStream(backend_pb2.PredictOptions(
-                Prompt=PROMPTS[0], Tokens=300, IgnoreEOS=True), timeout=120):
-            text += reply.message
-            started.set()
-        results[PROMPTS[0]] = text
-
-    def other(prompt):
-        results[prompt] = greedy(server.stub, prompt, 300)
-
-    threads = [threading.Thread(target=first)]
-    threads[0].start()
-    assert started.wait(60)
-    threads += [threading.Thread(target=other, args=(p,)) for p in PROMPTS[1:]]
-    for t in threads[1:]:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == long_plain
-    assert "joins the batch" in server.log_text()
+    joins = server.log_text().count("joins the batch")
+    assert first_alone_then_others(server, 300) == long_plain
+    assert server.log_text().count("joins the batch") == joins + 1
 
 
 def test_cancellation_mid_draft_leaves_neighbours_alone(server, tiny_model, plain):
@@ -148,25 +153,7 @@ def test_with_a_quantized_kv_cache(server, tmp_path):
     server.load(wide, options=["kv_bits:8"])
     plain = {p: greedy(server.stub, p, 200) for p in PROMPTS}
     server.load(wide, options=["kv_bits:8", "prompt_lookup:true"])
-    results, started = {}, threading.Event()
-
-    def first():
-        text = b""
-        for reply in server.stub.PredictStream(backend_pb2.PredictOptions(
-                Prompt=PROMPTS[0], Tokens=200, IgnoreEOS=True), timeout=120):
-            text += reply.message
-            started.set()
-        results[PROMPTS[0]] = text
-
-    threads = [threading.Thread(target=first)]
-    threads[0].start()
-    assert started.wait(60)
-    threads += [threading.Thread(target=lambda p=p: results.__setitem__(
-        p, greedy(server.stub, p, 200))) for p in PROMPTS[1:]]
-    for t in threads[1:]:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == plain
-    assert "joins the batch" in server.log_text()
+    joins = server.log_text().count("joins the batch")
+    assert first_alone_then_others(server, 200) == plain
+    assert server.log_text().count("joins the batch") == joins + 1
     assert [greedy(server.stub, p, 200) for p in PROMPTS] == [plain[p] for p in PROMPTS]
