@@ -172,9 +172,8 @@ def build_request(opts, loaded) -> GenerationRequest:
     sampling = sampling_params(opts, settings, len(tokenizer))
     choice = parse_tool_choice(opts.ToolChoice)
     context = loaded.context_length
-    budget = context - max(opts.Tokens, 1) if settings.context_overflow == "truncate" else None
     prompt = chat.parse_prompt(opts)
-    tokens = chat.prompt_tokens(tokenizer, prompt, budget)
+    tokens = chat.prompt_tokens(tokenizer, prompt, _truncation_budget(opts, loaded))
     if not tokens:
         raise InvalidArgument("the prompt encodes to zero tokens")
     if len(tokens) >= context:
@@ -239,9 +238,18 @@ def _check_fits(length: int, loaded, what: str):
                               f"can attend to (context / max_kv_size)")
 
 
+def _truncation_budget(opts, loaded) -> Optional[int]:
+    """How many prompt tokens fit with `context_overflow:truncate` (None: no cut)."""
+    if loaded.settings.context_overflow != "truncate":
+        return None
+    return loaded.context_length - max(opts.Tokens, 1)
+
+
 def tokenize_request(opts, loaded) -> List[int]:
-    """TokenizeString: the tokens a Predict with the same fields would feed."""
-    return chat.prompt_tokens(loaded.tokenizer, chat.parse_prompt(opts))
+    """TokenizeString: the tokens a Predict with the same fields would feed
+    (cut the same way under `context_overflow:truncate`)."""
+    return chat.prompt_tokens(loaded.tokenizer, chat.parse_prompt(opts),
+                              _truncation_budget(opts, loaded))
 
 
 def detokenize_request(request, loaded) -> List[int]:

@@ -96,15 +96,16 @@ def make_sampler(params: SamplingParams, vocab_size: int,
 
 
 def make_processors(params: SamplingParams) -> list:
-    """Logit bias and penalties over the last `repeat_last_n` tokens."""
-    window = params.repeat_last_n or 64
+    """Logit bias and penalties over the last `repeat_last_n` tokens (a window
+    of 0 turns the penalties off, as in llama.cpp)."""
+    window = params.repeat_last_n
     penalty = params.repetition_penalty
     return make_logits_processors(
         logit_bias=params.logit_bias or None,
-        repetition_penalty=penalty if penalty and penalty != 1.0 else None,
+        repetition_penalty=penalty if window and penalty and penalty != 1.0 else None,
         repetition_context_size=window,
-        presence_penalty=params.presence_penalty or None,
+        presence_penalty=params.presence_penalty if window else None,
         presence_context_size=window,
-        frequency_penalty=params.frequency_penalty or None,
+        frequency_penalty=params.frequency_penalty if window else None,
         frequency_context_size=window,
     )

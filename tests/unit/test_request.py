@@ -145,6 +145,15 @@ def test_truncate_keeps_the_last_tokens_of_a_raw_prompt(loaded, configure, fox):
                  ).prompt_tokens == fox[-4:]
 
 
+def test_tokenize_truncates_as_predict_does(loaded, configure, fox):
+    model = configure(loaded, "context_overflow:truncate", context_length=16)
+    for tokens in (0, 8):
+        opts = P(Prompt=FOX, Tokens=tokens)
+        assert request.tokenize_request(opts, model) == \
+            request.build_request(opts, model).prompt_tokens
+    assert request.tokenize_request(P(Prompt=FOX, Tokens=8), model) == fox[-8:]
+
+
 def test_truncate_drops_the_oldest_turns_of_a_chat(loaded, configure):
     tok = loaded.tokenizer
     messages = [M(role="system", content="Be brief."), M(role="user", content=FOX),

@@ -184,10 +184,10 @@ def test_presence_and_frequency_penalties_over_the_window():
     assert out == [0.0, -2.0, -1.5, 0.0, 0.0]
 
 
-def test_window_zero_means_the_default_of_64():
-    (processor,) = make_processors(params(repetition_penalty=2.0, repeat_last_n=0))
-    tokens = [1] + [0] * 63
-    out = processor(mx.array(tokens), mx.full((1, 3), 4.0)).tolist()[0]
-    assert out == [2.0, 2.0, 4.0]
-    out = processor(mx.array([1] + [0] * 64), mx.full((1, 3), 4.0)).tolist()[0]
-    assert out == [2.0, 4.0, 4.0]
+def test_window_zero_turns_the_penalties_off():
+    """As llama.cpp's repeat_last_n 0 (a request's Repeat 0 means "unset" and
+    takes the option's window instead)."""
+    assert make_processors(params(repetition_penalty=2.0, presence_penalty=1.0,
+                                  frequency_penalty=1.0, repeat_last_n=0)) == []
+    (bias,) = make_processors(params(repeat_last_n=0, logit_bias={1: 5.0}))
+    assert bias(mx.array([1]), mx.zeros((1, 3))).tolist()[0] == [0.0, 5.0, 0.0]
