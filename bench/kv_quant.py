@@ -37,7 +37,7 @@ from common import log, median, ratio
 from load_time import context_length
 from prompts import PromptBook
 from report import fmt
-from streams import Background, predict_options, run_stream, summarize_streams, warm_up
+from streams import predict_options, run_stream, run_streams, warm_up
 
 CONFIGS = (("full", None), ("kv8", 8), ("kv4", 4))
 GROUP_SIZES = (64, 32)  # the default first; 32 when the head dimension needs it
@@ -247,15 +247,7 @@ def speed(s, servers, book, out):
                 for _ in range(n):
                     counter += 1
                     prompts.append(book.plain(counter, s.cfg.conc_prompt_words))
-                bg = Background(server.stub, [predict_options(p, tokens) for p in prompts])
-                bg.join()
-                server.wait_idle()
-                if bg.errors():
-                    raise RuntimeError(f"{name}, {n} streams: {bg.errors()[0]}")
-                summary = summarize_streams(bg.results)
-                summary["aggregate_tps"] = summary["steady_tps"] or summary["phase_tps"]
-                if n == 1:
-                    summary["aggregate_tps"] = bg.results[0].decode_rate()
+                summary = run_streams(server, prompts, tokens, f"{name}, {n} streams")
                 runs[name][str(n)].append(summary)
                 log(f"    rep {rep} {name} {n} stream{'s' * (n > 1)}: "
                     f"{fmt(summary['aggregate_tps'])} tok/s")

@@ -23,15 +23,14 @@ class RawWorker:
         self.info = json.loads(line)
 
     def generate(self, tokens, max_tokens) -> dict:
-        self.proc.stdin.write(json.dumps({"tokens": tokens, "max_tokens": max_tokens}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("raw worker died")
-        return json.loads(line)
+        return self._ask({"tokens": tokens, "max_tokens": max_tokens})
 
     def batch(self, prompts, max_tokens) -> dict:
-        self.proc.stdin.write(json.dumps({"batch": prompts, "max_tokens": max_tokens}) + "\n")
+        return self._ask({"batch": prompts, "max_tokens": max_tokens})
+
+    def _ask(self, message: dict) -> dict:
+        """One request line to the worker, one reply line back."""
+        self.proc.stdin.write(json.dumps(message) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:

@@ -23,7 +23,7 @@ import json
 
 from common import log, median, ratio
 from report import fmt
-from streams import Background, predict_options, run_stream, summarize_streams, warm_up
+from streams import predict_options, run_stream, run_streams, warm_up
 
 # NDraft per request: < 0 off, otherwise draft tokens per round (3 = the default option).
 VARIANTS = (("off", -1), ("n2", 2), ("n3", 3), ("n4", 4))
@@ -135,13 +135,7 @@ def batch(s, draft_server, plain_server, out):
             for _ in range(STREAMS):
                 counter += 1
                 prompts.append(s.book.plain(counter, s.cfg.conc_prompt_words))
-            bg = Background(server.stub, [predict_options(p, tokens) for p in prompts])
-            bg.join()
-            server.wait_idle()
-            if bg.errors():
-                raise RuntimeError(f"DraftModel {name}, {STREAMS} streams: {bg.errors()[0]}")
-            summary = summarize_streams(bg.results)
-            summary["aggregate_tps"] = summary["steady_tps"] or summary["phase_tps"]
+            summary = run_streams(server, prompts, tokens, f"DraftModel {name}, {STREAMS} streams")
             after = spec_stats(server).get("total", {})
             summary["drafted_during"] = after.get("drafted", 0) - before.get("drafted", 0)
             runs[name].append(summary)

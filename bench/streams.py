@@ -170,12 +170,23 @@ def summarize_streams(results) -> dict:
     return out
 
 
+def run_streams(server, prompts, tokens: int, label: str) -> dict:
+    """Stream `prompts` together to the end and wait for the server to idle;
+    their summary, with `aggregate_tps` (the steady rate, else the phase rate;
+    for one stream, its decode rate)."""
+    bg = Background(server.stub, [predict_options(p, tokens) for p in prompts])
+    bg.join()
+    server.wait_idle()
+    if bg.errors():
+        raise RuntimeError(f"{label}: {bg.errors()[0]}")
+    summary = summarize_streams(bg.results)
+    summary["aggregate_tps"] = (summary["per_stream_tps"] if len(prompts) == 1
+                                else summary["steady_tps"] or summary["phase_tps"])
+    return summary
+
+
 def warm_up(server, prompts, tokens: int = 8):
     """Unmeasured requests on a fresh server: one alone, then all together (the
     first request and the first batch of a size compile and allocate)."""
     for batch in ([prompts[0]], prompts):
-        bg = Background(server.stub, [predict_options(p, tokens) for p in batch])
-        bg.join()
-        server.wait_idle()
-        if bg.errors():
-            raise RuntimeError(f"warm-up on server {server.name}: {bg.errors()[0]}")
+        run_streams(server, batch, tokens, f"warm-up on server {server.name}")

@@ -136,14 +136,6 @@ class BatchQuantizedKVCache(BatchKVCache):
             self.left_padding += padding
             self._right_padding = None
 
-    @property
-    def state(self):
-        return self.keys, self.values, self.offset, self.left_padding, self._idx
-
-    @state.setter
-    def state(self, v):
-        self.keys, self.values, self.offset, self.left_padding, self._idx = v
-
     def filter(self, batch_indices):
         if self.keys is not None:
             self.keys, self.values = tree_map(lambda x: x[batch_indices],

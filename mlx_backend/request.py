@@ -38,7 +38,6 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: Optional[object] = None  # a compiled grammar.GrammarSpec
-    tool_choice: ToolChoice = dataclasses.field(default_factory=ToolChoice)  # enforced by grammar
     tools: Optional[list] = None  # OpenAI tool definitions, for tool-call parsing
     checkpoint_tokens: Optional[List[int]] = None  # a prefix worth caching on its own
     n_draft: int = 0  # NDraft: draft tokens per step; 0 = the option, < 0 = no drafting
@@ -199,7 +198,6 @@ def build_request(opts, loaded) -> GenerationRequest:
         logprobs=opts.Logprobs > 0 or opts.TopLogprobs > 0,
         top_logprobs=opts.TopLogprobs,
         grammar=_constraint(opts, choice, prompt, tokens, tokenizer),
-        tool_choice=choice,
         tools=prompt.tools,
         checkpoint_tokens=checkpoint,
         n_draft=max(min(opts.NDraft, 64), -1),
