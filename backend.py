@@ -338,9 +338,26 @@ def main(argv=None):
                         help="largest gRPC message accepted or sent, in MiB")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds running generations get to finish on SIGTERM")
+    worker = parser.add_argument_group(
+        "worker rank (what `local-ai worker mlx-distributed` runs; rank 0 is the server)")
+    worker.add_argument("--worker", action="store_true",
+                        help="serve as a worker rank of a model split across hosts")
+    worker.add_argument("--backend", default="", help="ring or jaccl "
+                        "(default: MLX_DISTRIBUTED_BACKEND, else ring)")
+    worker.add_argument("--hostfile", default="", help="the group's hostfile "
+                        "(default: MLX_DISTRIBUTED_HOSTFILE)")
+    worker.add_argument("--rank", type=int, default=None,
+                        help="this worker's rank, 1.. (default: MLX_RANK)")
+    worker.add_argument("--coordinator", default="", help="JACCL coordinator IP:PORT "
+                        "(default: MLX_JACCL_COORDINATOR)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.worker:
+        from mlx_backend.distributed.worker import serve
+        code = serve(args.hostfile, args.backend, args.rank, args.coordinator)
+        logging.shutdown()
+        os._exit(code)  # as below: skip C++ static destructors at exit
 
     engine = Engine()
     server = build_server(args.addr, engine, args.max_message_mb)

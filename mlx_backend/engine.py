@@ -11,6 +11,7 @@ taken, only the remaining tokens are processed, and the extended state is
 inserted back under exactly the tokens it holds.
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -30,10 +31,13 @@ from . import faults
 from .adapters import check as check_adapters
 from .errors import (BackendError, Cancelled, FailedPrecondition, InvalidArgument,
                      ResourceExhausted, Unavailable)
+from .distributed.engine_ticks import TickingEngine
+from .distributed.engine_ticks import check_load as check_distributed_load
+from .distributed.group import describe_loss
+from .distributed.lockstep import Diverged
 from .events import POLL_SECONDS, Delta, Done, Failed, RequestHandle, Usage
 from .generation import StopRule, plan_generation
-from .kv_cache import (MIN_LONGER_KEEP, cache_nbytes, compact, default_cache_bytes,
-                       kv_length, kv_prefix)
+from .kv_cache import MIN_LONGER_KEEP, compact, default_cache_bytes, kv_length, kv_prefix
 from .kv_quant import batchable, check_head_dim, kv_quantization, make_quantized_cache
 from .model_loader import LoadedModel, load_model
 from .options import ModelSettings, parse_options
@@ -84,7 +88,7 @@ def _guarded(fn, errors: List[Exception]):
     return call
 
 
-class Engine:
+class Engine(TickingEngine):
     """Continuous batching on one thread, with a watchdog beside it.
 
     Every per-request stage on the engine thread (admission, cache fetch and
@@ -96,8 +100,11 @@ class Engine:
     LocalAI restarts the backend.
     """
 
-    def __init__(self):
+    def __init__(self, lockstep=None):
         self._inbox: "queue.Queue" = queue.Queue()
+        self._pending: collections.deque = collections.deque()  # inbox items held for a tick
+        self._lockstep = lockstep  # a distributed.Lockstep once this rank is in a group
+        self._grammars: Dict[tuple, object] = {}  # a worker's compiled grammars, by text
         self._slots: Dict[int, _Slot] = {}
         self._queued = 0  # submitted, not yet admitted
         self._count_lock = threading.Lock()
@@ -114,11 +121,14 @@ class Engine:
         self._solo_uids = itertools.count(-1, -1)  # ids of requests outside the batch
         self._kv_bytes = 0  # KV state of the running batch, measured after each step
         self.on_failure: List[Callable[[str], None]] = []
+        self.parallel: Optional[str] = None  # "tensor" or "pipeline" in distributed mode
         self._activity = None  # (what, since, bounded) while the engine thread works
         self._generator: Optional[BatchGenerator] = None
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._thread.start()
+        if lockstep is not None:  # a worker rank, in its group from the start
+            self._watch_ranks()
         threading.Thread(target=self._watch, name="mlx-watchdog", daemon=True).start()
 
     # ---- called from gRPC threads -------------------------------------------------
@@ -152,6 +162,11 @@ class Engine:
         return handle
 
     @property
+    def stopped(self) -> bool:
+        """True once shut down (a worker: once rank 0 stopped the group)."""
+        return self._stop
+
+    @property
     def busy(self) -> bool:
         return bool(self._slots) or self._queued > 0
 
@@ -170,8 +185,11 @@ class Engine:
 
     def embed(self, loaded: LoadedModel, tokens: List[int],
               cancelled: Callable[[], bool] = lambda: False) -> List[float]:
-        return self.call(lambda: embed(self._require_loaded(loaded).model, tokens,
-                                       self.settings.prefill_step_size, cancelled))
+        return self.call(self._embed, loaded, tokens, cancelled)
+
+    def _embed(self, loaded, tokens, cancelled):
+        return embed(self._require_loaded(loaded).model, tokens,
+                     self.settings.prefill_step_size, cancelled)
 
     def memory(self) -> Dict[str, int]:
         """Status's memory breakdown: MLX's allocator, the weights, and the
@@ -187,6 +205,9 @@ class Engine:
             "prompt_cache": cache.nbytes if cache is not None else 0,
             "prompt_cache_entries": len(cache) if cache is not None else 0,
         }
+        if self._lockstep is not None:
+            breakdown.update({f"distributed_{key}": int(value) for key, value
+                              in self._lockstep.stats().items()})
         if cache is not None:
             breakdown.update({f"prompt_cache_{key}": int(value)
                               for key, value in cache.stats().items()
@@ -202,6 +223,10 @@ class Engine:
             self._inbox.put(("call", self._unload, ("the server is shutting down",),
                              future, True))
             concurrent.futures.wait([future], timeout=timeout)
+            if self._lockstep is not None:  # the workers stop with us
+                future = concurrent.futures.Future()
+                self._inbox.put(("stop", future))
+                concurrent.futures.wait([future], timeout=timeout)
         self._stop = True
         self._inbox.put(("wake",))
         self._thread.join(timeout=1.0)
@@ -222,11 +247,20 @@ class Engine:
     def _diagnose(self) -> Optional[str]:
         if not self._thread.is_alive():
             return "the engine thread died"
-        activity, timeout = self._activity, self.settings.step_timeout
+        activity, timeout, name = self._activity, self.settings.step_timeout, "step_timeout"
+        if self._lockstep is not None and (not timeout or
+                                           timeout > self.settings.distributed_step_timeout):
+            # A rank that stopped answering can leave a collective waiting forever.
+            timeout, name = self.settings.distributed_step_timeout, "distributed_step_timeout"
         if activity and activity[2] and timeout:
             what, since, _ = activity
             if time.monotonic() - since > timeout:
-                return f"{what} has not returned within step_timeout={timeout:g}s"
+                problem = f"{what} has not returned within {name}={timeout:g}s"
+                if self._lockstep is not None:
+                    lockstep = self._lockstep
+                    problem = (f"{describe_loss(lockstep.config, lockstep.size)}: {problem}"
+                               if lockstep.rank == 0 else f"rank 0 is gone: {problem}")
+                return problem
         return None
 
     def _declare_failed(self, reason: str):
@@ -260,6 +294,9 @@ class Engine:
                     self._iterate()
                 except Exception as err:  # our own bug outside any request: the batch goes
                     log.exception("engine loop failed")
+                    if self._lockstep is not None:  # and the ranks may no longer agree
+                        self._group_failed(err)
+                        break
                     self._fail_all(BackendError(f"generation failed: {type(err).__name__}: "
                                                 f"{err}"))
                     self._reset_generator()
@@ -268,8 +305,12 @@ class Engine:
                 self._declare_failed("the engine thread died")
 
     def _iterate(self):
-        self._drain_inbox(block=not self._slots)
-        self._drop_cancelled()
+        if self._lockstep is not None:
+            if not self._tick():
+                return
+        else:
+            self._drain_inbox(block=not self._slots)
+            self._drop_cancelled()
         if not self._slots:
             return
         solo = [slot for slot in self._slots.values() if slot.spec is not None]
@@ -287,6 +328,9 @@ class Engine:
                 self._step()
                 self._kv_bytes = self._generator.prompt_cache_nbytes
             except Exception as err:  # a step fault no single request owns
+                if self._lockstep is not None:  # the ranks may no longer agree
+                    self._group_failed(err)
+                    return
                 log.exception("generation step failed")
                 self._fail_all(BackendError(f"generation failed: {type(err).__name__}: {err}"))
                 self._reset_generator()
@@ -301,6 +345,8 @@ class Engine:
             except queue.Empty:
                 return
             kind = item[0]
+            if kind == "call" and item[1] == self._load and self._joins_group(item):
+                return  # the load is shared with the workers in the first tick
             if kind == "call":
                 _, fn, args, future, bounded = item
                 with self._working_on(getattr(fn, "__name__", "a call"), bounded):
@@ -356,11 +402,13 @@ class Engine:
             if kv_quant and settings.max_kv_size:
                 raise InvalidArgument("a quantized KV cache cannot be combined with "
                                       "max_kv_size (a rotating window): choose one")
+            if self._lockstep is not None:
+                check_distributed_load(request, settings)
             fault = faults.load_stage(request.options)
             faults.check(fault, "load")
             faults.check(fault, "hang")
             self._unload("the model was replaced by LoadModel")
-            loaded = load_model(request, settings)
+            loaded = load_model(request, settings, prepare=self._shard_for(settings))
             if kv_quant:
                 check_head_dim(loaded.model, kv_quant[1])
             draft = self._load_draft(request, settings, loaded)
@@ -376,7 +424,7 @@ class Engine:
             trim_fn=trim_prompt_cache,
             slice_fn=kv_prefix,
             max_bytes=max_bytes,
-            nbytes_fn=cache_nbytes,
+            nbytes_fn=self._cache_bytes_fn(loaded),
             min_longer_keep=MIN_LONGER_KEEP,
             count_keys=True,
         )
@@ -535,8 +583,11 @@ class Engine:
 
     # ---- generation ----------------------------------------------------------------------
 
-    def _admit(self, handle: RequestHandle):
-        if handle.cancelled:  # the caller left before we started: no work at all
+    def _admit(self, handle: RequestHandle, expected_cached: Optional[int] = None):
+        """Put a request into the batch. In distributed mode rank 0 checked it
+        and looked up the prompt cache already (`expected_cached` is what it
+        found; every other rank must find the same)."""
+        if handle.cancelled and self._lockstep is None:  # the caller left: no work at all
             handle.events.put(Failed(Cancelled("cancelled before it started")))
             return
         self._require_loaded(handle.loaded)
@@ -547,7 +598,12 @@ class Engine:
         faults.check(handle.fault, "cache_fetch")
         if request.cache_path and self.settings.prompt_cache:
             self._store(request.cache_path)
-        cache, rest = self.fetch_cache(tokens)
+        prefetched = getattr(handle, "prefetched", None)
+        handle.prefetched = None
+        cache, rest = prefetched or self.fetch_cache(tokens)
+        if expected_cached is not None and len(tokens) - len(rest) != expected_cached:
+            raise Diverged(f"the prompt cache found {len(tokens) - len(rest)} tokens where "
+                           f"rank 0 found {expected_cached}")
         if cache is None:
             cache = self._new_cache()
         elif self.kv_quant:
@@ -601,8 +657,11 @@ class Engine:
         slot.uid = handle.uid
         self._slots[handle.uid] = slot
 
-    def _drop_cancelled(self):
-        for slot in [s for s in self._slots.values() if s.handle.cancelled]:
+    def _drop_cancelled(self, uids=None):
+        """Take cancelled requests out (in distributed mode, exactly the `uids`
+        rank 0 shared, whatever was cancelled since)."""
+        for slot in [s for s in self._slots.values()
+                     if (s.uid in uids if uids is not None else s.handle.cancelled)]:
             with self._isolated(slot.handle, "cancelling the request"):
                 faults.check(slot.handle.fault, "cancel")
                 if slot.spec is not None:

@@ -154,9 +154,11 @@ def _context_length(config: dict, tokenizer, settings: ModelSettings, requested:
     return int(limit) if limit and limit < 10**7 else 4096
 
 
-def load_model(request, settings: ModelSettings) -> LoadedModel:
+def load_model(request, settings: ModelSettings, prepare=None) -> LoadedModel:
     """Resolve, load and prepare a model for a `request.LoadRequest`, with its
-    LoRA adapters merged in; raises NotFound or LoadError."""
+    LoRA adapters merged in; raises NotFound or LoadError. `prepare(model)`
+    runs before the weights are read (distributed mode shards there, so a
+    rank never reads the layers it drops)."""
     import mlx_lm
 
     from . import adapters as lora
@@ -173,6 +175,8 @@ def load_model(request, settings: ModelSettings) -> LoadedModel:
         raise LoadError(f"{source}: cannot load model: {type(err).__name__}: {err}") from err
     weight_format = _apply_cpu_fast_path(model, settings)
     adapters_line = lora.apply(model, config, adapters) if adapters else ""
+    if prepare is not None:
+        prepare(model)
     mx.eval(model.parameters())
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     loaded = LoadedModel(

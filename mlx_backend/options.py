@@ -76,6 +76,12 @@ class ModelSettings:
     gguf_requant_bits: Optional[int] = None  # re-quantize K-quants (None: keep floats)
     gguf_requant_group_size: int = 64
     trust_remote_code: bool = False
+    # Several hosts (mx.distributed): rank 0 joins the group at LoadModel.
+    hostfile: Optional[str] = None  # None: MLX_DISTRIBUTED_HOSTFILE, else one process
+    distributed_backend: Optional[str] = None  # ring or jaccl (None: MLX_DISTRIBUTED_BACKEND)
+    parallel: Optional[str] = None  # tensor or pipeline (None: tensor where it divides)
+    join_timeout: float = 30.0  # seconds the workers get to answer rank 0
+    distributed_step_timeout: float = 60.0  # a step's bound across ranks (a rank may hang)
     # Generation defaults.
     max_tokens: int = 512
     temperature: float = 0.0
@@ -95,7 +101,8 @@ _ALIASES = {"cache_size": "max_cache_entries", "batch_size": "max_batch_size"}
 _BYTE_KEYS = {"cache_bytes", "prompt_cache_disk_bytes"}
 # Settings whose default is None, by the kind of value they take.
 _KINDS = {"max_kv_size": int, "context_size": int, "dequantize": bool, "kv_bits": int,
-          "prompt_cache_path": str,
+          "prompt_cache_path": str, "hostfile": str, "distributed_backend": str,
+          "parallel": str,
           "gguf_cache_dir": str, "gguf_requant_bits": int, "seed": int}
 
 
@@ -181,6 +188,10 @@ def _validate(s: ModelSettings):
         ("context_overflow", s.context_overflow in ("error", "truncate")),
         ("gguf_requant_bits", s.gguf_requant_bits in (None, 2, 3, 4, 5, 6, 8)),
         ("gguf_requant_group_size", s.gguf_requant_group_size in (32, 64, 128)),
+        ("distributed_backend", s.distributed_backend in (None, "ring", "jaccl")),
+        ("parallel", s.parallel in (None, "tensor", "pipeline")),
+        ("join_timeout", 1 <= s.join_timeout <= 3600),
+        ("distributed_step_timeout", s.distributed_step_timeout >= 1),
     ]
     checks += [(key, getattr(s, key) is None or getattr(s, key) <= limit)
                for key, limit in _INT_LIMITS.items()]
@@ -198,4 +209,6 @@ _RANGE_HINTS = {
     "xtc_probability": " (use 0..1)", "xtc_threshold": " (use 0..0.5)",
     "repetition_penalty": " (use a number > 0; 1 = off)",
     "step_timeout": " (seconds, at least 1; 0 = no limit)",
+    "distributed_backend": " (use ring or jaccl)", "parallel": " (use tensor or pipeline)",
+    "join_timeout": " (seconds, 1..3600)",
 }

@@ -9,6 +9,7 @@ Nothing here imports MLX: callers only speak gRPC, and importing this must stay
 cheap (client.py, pytest collection).
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -38,6 +39,23 @@ def start(addr: str, args=(), env=None, log=None) -> subprocess.Popen:
     return subprocess.Popen([str(RUN_SH), "--addr", addr, *args], stdout=log,
                             stderr=subprocess.STDOUT if log is not None else None,
                             env=full_env)
+
+
+def write_hostfile(path, ranks: int = 2) -> Path:
+    """A ring hostfile of `ranks` free ports on 127.0.0.1 (entry i = rank i)."""
+    path = Path(path)
+    path.write_text(json.dumps([f"127.0.0.1:{free_port()}" for _ in range(ranks)]))
+    return path
+
+
+def start_worker(hostfile, rank: int = 1, env=None, log=None) -> subprocess.Popen:
+    """`run.sh --worker --backend ring --hostfile H --rank N`, as
+    `local-ai worker mlx-distributed` starts a worker rank."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    return subprocess.Popen([str(RUN_SH), "--worker", "--backend", "ring", "--hostfile",
+                             str(hostfile), "--rank", str(rank)], stdout=log,
+                            stderr=subprocess.STDOUT if log is not None else None, env=full_env)
 
 
 def wait_healthy(stub, proc=None, timeout=120, metadata=None, log_tail=None):

@@ -141,7 +141,8 @@ def test_non_finite_values_are_rejected_naming_the_key(key, raw):
     "xtc_probability:-0.1", "xtc_threshold:0.6", "xtc_threshold:-0.1", "seed:-2",
     f"seed:{2**64}", "cache_bytes:-1", "prompt_cache_disk_bytes:-1", "max_kv_size:0", "context_size:0",
     "context_overflow:drop", "gguf_requant_bits:7", "gguf_requant_bits:1",
-    "gguf_requant_group_size:48",
+    "gguf_requant_group_size:48", "distributed_backend:mpi", "parallel:diagonal",
+    "join_timeout:0", "join_timeout:4000", "distributed_step_timeout:0.5",
 ])
 def test_out_of_range_values_are_rejected_naming_the_key(pair):
     key, _, raw = pair.partition(":")
@@ -160,6 +161,10 @@ def test_out_of_range_values_are_rejected_naming_the_key(pair):
     ("gguf_requant_bits:8", "gguf_requant_bits", 8),
     ("gguf_requant_group_size:128", "gguf_requant_group_size", 128),
     ("presence_penalty:-2", "presence_penalty", -2.0),
+    ("parallel:pipeline", "parallel", "pipeline"),
+    ("distributed_backend:jaccl", "distributed_backend", "jaccl"),
+    ("hostfile:/etc/hosts.json", "hostfile", "/etc/hosts.json"),
+    ("join_timeout:1", "join_timeout", 1.0),
 ])
 def test_boundary_values_are_accepted(pair, key, value):
     assert getattr(parse_options([pair]), key) == value

@@ -1,0 +1,1 @@
+"""Serving one model across several machines with `mx.distributed`."""
