@@ -140,6 +140,8 @@ def table(result) -> str:
     sp = M.get("speculative", {})
     if not err("speculative", "11", "speculative decoding"):
         rows.extend(speculative_rows(sp))
+    if not err("distributed", "12", "distributed (2 ranks)"):
+        rows.extend(distributed_rows(M["distributed"]))
     return render(rows)
 
 
@@ -314,6 +316,21 @@ def speculative_rows(p) -> list:
     return [(a, b, m, t, ok if ok == "" else verdict(ok)) for a, b, m, t, ok in rows]
 
 
+def distributed_rows(d) -> list:
+    """Rows of the distributed bench (distributed.py)."""
+    result = []
+    for n, level in d.get("levels", {}).items():
+        result.append(("12" if n == "1" else "", f"aggregate decode tok/s, {n} stream(s): "
+                       f"1 process / {d.get('ranks')} ranks ({d.get('parallel')}, loopback)",
+                       f"{fmt(level['one_process_tps'])} / {fmt(level['two_ranks_tps'])} "
+                       f"({fmt(level['ratio'], '.2f')}x)", "", ""))
+        result.append(("", f"  per decode step at {n}: tick bytes, tick ms (incl. waiting); model "
+                       "collective bytes",
+                       f"{fmt(level['tick_bytes'], '.0f')} B, {fmt(level['tick_ms'], '.2f')} ms; "
+                       f"{fmt(level['model_bytes'], '.0f')} B", "", ""))
+    return result
+
+
 def header(result) -> str:
     mach = result["machine"]
     server = result.get("server", {})
@@ -340,6 +357,11 @@ def header(result) -> str:
 def text(result) -> str:
     """Header, table, then errors and warnings: what run.py prints."""
     out = header(result) + "\n\n" + result["table"]
+    profile = result["measurements"].get("step_profile")
+    if profile and profile.get("decode") is not None:
+        import step_profile
+        out += "\n\n13. where the time goes (model called directly, no server)\n"
+        out += step_profile.table(profile)
     if result["errors"]:
         out += "\n\nerrors:\n" + "\n".join(f"  {k}: {v}" for k, v in result["errors"].items())
     warnings = [f"  {k}: {v['warning']}" for k, v in result["measurements"].items()

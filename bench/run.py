@@ -27,9 +27,15 @@ ratios compare like with like on a noisy machine):
      side): KV bytes per token at a long context, greedy agreement over 64
      tokens, decode tok/s at 1 and 8 streams;
  11. speculative decoding with the model as its own draft: single-stream tok/s
-     and acceptance at NDraft off/2/3/4, and 8 streams with DraftModel on vs off.
+     and acceptance at NDraft off/2/3/4, and 8 streams with DraftModel on vs off;
+ 12. distributed: 2 ranks (ring on loopback, pipeline parallel) vs 1 process,
+     aggregate tok/s at 1 and 8 streams and each decode step's communication;
+ 13. where the time of one decode step (batch 1 and 16) and of a 1k-token
+     prefill goes, part by part, on the model called directly (step_profile.py,
+     also runnable alone).
 One module per measurement (overhead, scaling, ttft_load, health, prompt_cache,
-cache_bound, load_time, cache_unit, conversations, kv_quant, speculative); this
+cache_bound, load_time, cache_unit, conversations, kv_quant, speculative,
+distributed, step_profile); this
 file runs them in order and report.py prints a table with targets and writes it
 as JSON under bench/results/.
 """
@@ -45,6 +51,7 @@ from pathlib import Path
 import cache_bound
 import cache_unit
 import conversations
+import distributed
 import kv_quant
 import load_time
 import overhead
@@ -52,6 +59,7 @@ import prompt_cache
 import report
 import scaling
 import speculative
+import step_profile
 import ttft_load
 from common import log
 from machine import load_average, machine_info
@@ -64,9 +72,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = (("overhead", overhead.run), ("concurrency", scaling.run),
           ("ttft_load", ttft_load.run), ("prompt_cache", prompt_cache.run),
           ("conversations", conversations.run), ("cache_bound", cache_bound.run),
-          ("kv_quant", kv_quant.run), ("speculative", speculative.run))
+          ("kv_quant", kv_quant.run), ("speculative", speculative.run),
+          ("distributed", distributed.run))
+
+
+def profile_steps(s):
+    """Where a decode step's and a prefill's time goes (no server; in a child
+    process with run.sh's environment, so this process stays free of MLX)."""
+    args = ["--quick"] if s.cfg.quick else []
+    if s.args.model or s.args.tiny:
+        args += ["--model", s.model]
+    s.m("step_profile").update(step_profile.run_subprocess(args))
+
+
 # Measured first, before any server starts: they need none.
-SERVERLESS = (("cache_unit", cache_unit.run),)
+SERVERLESS = (("cache_unit", cache_unit.run), ("step_profile", profile_steps))
 
 
 def phase(s, key, fn):
