@@ -189,7 +189,9 @@ class TickingEngine:
         if last is not None:
             ops.append(last[0])
             local.append(last[1])
-        if not ops and not self._slots and not self._lockstep.parked:
+        lockstep = self._lockstep
+        if not ops and not self._slots and not lockstep.parked \
+                and len(lockstep.links) == lockstep.size - 1:  # wake-ups need the links
             ops, local = [("park",)], [None]
         return ops, local
 

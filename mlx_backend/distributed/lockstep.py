@@ -13,7 +13,8 @@ diverged is named at once instead of corrupting the next collective.
 An idle group parks: MLX's ring backend polls its sockets while a collective
 waits, so a worker sitting in the next tick would keep a core busy for as long
 as the server is idle. Instead rank 0 shares a "park" op, and workers sleep
-until rank 0 sends a wake-up byte on their liveness link before its next tick.
+until rank 0 sends a wake-up byte on their liveness link before its next tick
+(ring only: JACCL ranks have no such link, so an idle JACCL group keeps ticking).
 """
 
 import threading
