@@ -71,6 +71,11 @@ def table(result) -> str:
         for n, lv in c.get("levels", {}).items():
             row("2" if n == "1" else "", f"aggregate decode tok/s, {n} stream{'s' * (n != '1')}",
                 fmt(lv["aggregate_tps"]), "", "")
+        top = c.get("levels", {}).get("16", {})
+        if top.get("ttft_p50_s") is not None:
+            row("", "  16 new requests at once: per-stream decode tok/s, TTFT p50",
+                f"{fmt(top.get('per_stream_tps'))}, {fmt(top['ttft_p50_s'] * 1000, '.0f')} ms",
+                "", "")
         row("", "16 streams / 1 stream", fmt(c.get("ratio_16_to_1"), ".2f", "x"),
             TARGETS["scaling"], c.get("pass"))
         if c.get("raw_batch_top_tps") is not None:

@@ -68,6 +68,8 @@ def run(s):
             "steady_tps": median([r["steady_tps"] for r in runs[n]]),
             "phase_tps": median([r["phase_tps"] for r in runs[n]]),
             "per_stream_tps": median([r["per_stream_tps"] for r in runs[n]]),
+            # the N requests are sent at once: time to first token of new requests
+            "ttft_p50_s": median([r.get("ttft_s_median") for r in runs[n]]),
             **health.latency(lats[n]),
             "runs": runs[n],
         }

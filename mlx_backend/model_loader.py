@@ -177,6 +177,11 @@ def load_model(request, settings: ModelSettings, prepare=None) -> LoadedModel:
     adapters_line = lora.apply(model, config, adapters) if adapters else ""
     if prepare is not None:
         prepare(model)
+    elif on_cpu() and settings.compile_decode and weight_format.startswith("float32"):
+        from .cpu_decode import compile_decode
+        compiled = compile_decode(model)
+        if compiled:
+            weight_format += f", {compiled} blocks compiled for decode"
     mx.eval(model.parameters())
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     loaded = LoadedModel(
