@@ -132,7 +132,10 @@ def load(model_path=None):
     from mlx_backend.request import LoadRequest
 
     path = model_path or default_model_path()
-    return load_model(LoadRequest(model=path), parse_options([]))
+    # mlx-lm's own blocks: the parts below are timed op by op, so the whole
+    # step must run the same ops (compile_decode would fuse some of them).
+    options = ["compile_decode:false"]
+    return load_model(LoadRequest(model=path, options=options), parse_options(options))
 
 
 def _batch_caches(model, B, context, seed=0):
