@@ -31,6 +31,10 @@ def ms(seconds):
     return None if seconds is None else seconds * 1000
 
 
+def fmt_ms(seconds):
+    return fmt(ms(seconds), ".0f", " ms")
+
+
 def mb(n):
     return None if n is None else n / 2**20
 
@@ -74,7 +78,7 @@ def table(result) -> str:
         top = c.get("levels", {}).get("16", {})
         if top.get("ttft_p50_s") is not None:
             row("", "  16 new requests at once: per-stream decode tok/s, TTFT p50",
-                f"{fmt(top.get('per_stream_tps'))}, {fmt(top['ttft_p50_s'] * 1000, '.0f')} ms",
+                f"{fmt(top.get('per_stream_tps'))}, {fmt_ms(top['ttft_p50_s'])}",
                 "", "")
         row("", "16 streams / 1 stream", fmt(c.get("ratio_16_to_1"), ".2f", "x"),
             TARGETS["scaling"], c.get("pass"))
@@ -86,9 +90,9 @@ def table(result) -> str:
     t = M.get("ttft_load", {})
     if not err("ttft_load", "3", "TTFT under load"):
         row("3", f"TTFT idle, cold {t.get('probe_prompt_tokens')}-token prompt",
-            fmt(t.get("idle_ttft_s") and t["idle_ttft_s"] * 1000, ".0f", " ms"), "", "")
+            fmt_ms(t.get("idle_ttft_s")), "", "")
         row("", "TTFT of the same while 8 streams decode",
-            fmt(t.get("loaded_ttft_s") and t["loaded_ttft_s"] * 1000, ".0f", " ms"), "", "")
+            fmt_ms(t.get("loaded_ttft_s")), "", "")
         row("", "under load / idle", fmt(t.get("ratio"), ".2f", "x"), TARGETS["ttft_load"],
             t.get("pass"))
         row("", "  all probes cold (GetMetrics processed = prompt)",
@@ -104,9 +108,9 @@ def table(result) -> str:
     p = M.get("prompt_cache", {})
     if not err("prompt_cache", "5", "prompt cache"):
         row("5", f"TTFT cold, {fmt(p.get('prefix_tokens'), '.0f')}-token prefix + suffix",
-            fmt(p.get("cold_ttft_s") and p["cold_ttft_s"] * 1000, ".0f", " ms"), "", "")
+            fmt_ms(p.get("cold_ttft_s")), "", "")
         row("", "TTFT warm (prefix cached)",
-            fmt(p.get("warm_ttft_s") and p["warm_ttft_s"] * 1000, ".0f", " ms"), "", "")
+            fmt_ms(p.get("warm_ttft_s")), "", "")
         row("", "warm / cold (client TTFT)", fmt(p.get("ratio"), ".3f"), TARGETS["cache_ratio"],
             p.get("pass"))
         row("", "warm / cold (server timing_prompt_processing)",

@@ -39,7 +39,6 @@ child process with run.sh's environment (the bench process itself imports no MLX
 """
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -52,6 +51,10 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+if str(BENCH) not in sys.path:  # run as a script from elsewhere, or imported
+    sys.path.insert(0, str(BENCH))
+
+from machine import env_like_run_sh, project_python, run_sh_preload  # noqa: E402
 
 DECODE_ROWS = (
     ("proj", "projection GEMMs (q,k,v,o) x30"),
@@ -649,37 +652,14 @@ def table(result) -> str:
     return "\n".join(lines)
 
 
-def run_sh_preload():
-    """The library run.sh would put in LD_PRELOAD (same rules as run.sh)."""
-    if platform.system() != "Linux" or os.environ.get("MLX_BACKEND_NO_OPENBLAS"):
-        return None
-    for lib in sorted(glob.glob("/usr/lib/*/openblas-pthread/libblas.so.3")):
-        if os.path.exists(lib):
-            return lib
-    return None
-
-
-def _env(extra=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    lib = run_sh_preload()
-    if lib and lib not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = lib + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
-    env.update(extra or {})
-    return env
-
-
-def _python():
-    venv = ROOT / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
 def run_subprocess(args=(), env=None, timeout=1800) -> dict:
     """run() in a child process with run.sh's environment; `args` are this
     script's command-line options (e.g. ["--quick"])."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "profile.json"
-        subprocess.run([_python(), str(Path(__file__).resolve()), *args, "--json", str(out),
-                        "--no-table"], env=_env(env), check=True, timeout=timeout, cwd=ROOT)
+        subprocess.run([project_python(), str(Path(__file__).resolve()), *args, "--json",
+                        str(out), "--no-table"], env=env_like_run_sh(env), check=True,
+                       timeout=timeout, cwd=ROOT)
         return json.loads(out.read_text())
 
 
@@ -698,7 +678,7 @@ def main(argv=None):
     lib = run_sh_preload()
     if lib and lib not in os.environ.get("LD_PRELOAD", "") and not os.environ.get(
             "STEP_PROFILE_REEXEC"):
-        env = _env({"STEP_PROFILE_REEXEC": "1"})
+        env = env_like_run_sh({"STEP_PROFILE_REEXEC": "1"})
         os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())]
                   + list(argv if argv is not None else sys.argv[1:]), env)
 
@@ -712,9 +692,6 @@ def main(argv=None):
         print(table(result))
     return 0
 
-
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
 
 if __name__ == "__main__":
     sys.exit(main())

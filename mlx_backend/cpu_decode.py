@@ -18,6 +18,7 @@ as mlx-lm runs them.
 import logging
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models import llama
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,6 @@ def compile_decode(model) -> int:
     """Switch the plain llama blocks of `model` to compiled decode steps;
     returns how many. Anything else (other architectures, LoRA layers,
     sliding windows, quantized or sharded projections) is left as it is."""
-    import mlx.nn as nn
-
     switched = 0
     for block in getattr(model, "layers", []):
         if type(block) is not llama.TransformerBlock or block.use_sliding:

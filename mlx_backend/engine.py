@@ -598,8 +598,7 @@ class Engine(TickingEngine):
         faults.check(handle.fault, "cache_fetch")
         if request.cache_path and self.settings.prompt_cache:
             self._store(request.cache_path)
-        prefetched = getattr(handle, "prefetched", None)
-        handle.prefetched = None
+        prefetched, handle.prefetched = handle.prefetched, None
         cache, rest = prefetched or self.fetch_cache(tokens)
         if expected_cached is not None and len(tokens) - len(rest) != expected_cached:
             raise Diverged(f"the prompt cache found {len(tokens) - len(rest)} tokens where "

@@ -60,6 +60,7 @@ class RequestHandle:
         self.loaded = loaded  # the model the request was tokenized for
         self.events: "queue.Queue" = queue.Queue()
         self.uid: Optional[int] = None  # set once the request is in the batch
+        self.prefetched = None  # (cache, rest) rank 0 looked up for it (distributed mode)
         self.fault = faults.stage_of(request.correlation_id)
         self._engine_failure = engine_failure
         self._cancelled = threading.Event()

@@ -345,7 +345,7 @@ def test_what_distributed_mode_refuses(cluster, tiny, tmp_path):
 def test_workers_answer_only_rank0s_host(tmp_path):
     """A knock from any host but rank 0's is refused (rank 0 is a TEST-NET
     address here, so our own knock from 127.0.0.1 must not be answered)."""
-    from mlx_backend.distributed.group import READY, GroupConfig, knock_on_workers
+    from mlx_backend.distributed.group import GroupConfig, knock_on_workers
 
     port = free_port()
     hostfile = tmp_path / "hosts.json"
@@ -357,8 +357,7 @@ def test_workers_answer_only_rank0s_host(tmp_path):
         config = GroupConfig(hostfile=str(hostfile))
         with pytest.raises(Exception, match="did not answer"):
             knock_on_workers(config, timeout=3)
-        assert READY  # the worker is still waiting for the real rank 0
-        assert worker.poll() is None
+        assert worker.poll() is None  # still waiting for the real rank 0
     finally:
         worker.terminate()
         output = worker.communicate(timeout=30)[0]

@@ -71,11 +71,13 @@ class Lockstep:
         if present != self.size:
             raise RuntimeError(f"a rank was lost during the exchange ({present} of "
                                f"{self.size} answered)")
-        ops_out: list = []
+        ops_out: list = ops or []  # rank 0 keeps its own; workers unpickle rank 0's
         if size:
             data = np.frombuffer(payload, dtype=np.uint8) if self.rank == 0 \
                 else np.zeros(size, dtype=np.uint8)
-            ops_out = pickle.loads(self._all_sum(data).tobytes())
+            received = self._all_sum(data)
+            if self.rank != 0:
+                ops_out = pickle.loads(received.tobytes())
         self.ticks += 1
         self.bytes += header.nbytes + size
         self.seconds += time.perf_counter() - started
