@@ -151,6 +151,9 @@ def table(result) -> str:
         rows.extend(speculative_rows(sp))
     if not err("distributed", "12", "distributed (2 ranks)"):
         rows.extend(distributed_rows(M["distributed"]))
+    if not err("cpu_speed", "14", "CPU speed vs llama.cpp"):
+        import cpu_speed
+        rows.extend(cpu_speed.rows(M["cpu_speed"]))
     return render(rows)
 
 

@@ -32,10 +32,13 @@ ratios compare like with like on a noisy machine):
      aggregate tok/s at 1 and 8 streams and each decode step's communication;
  13. where the time of one decode step (batch 1 and 16) and of a 1k-token
      prefill goes, part by part, on the model called directly (step_profile.py,
-     also runnable alone).
+     also runnable alone);
+ 14. CPU speed: 1-stream decode, 16 new streams (aggregate, decode, TTFT p50)
+     and a 1k-token prefill, side by side with llama.cpp's server on the same
+     GGUF when a llama-server binary is found (LLAMA_SERVER or PATH).
 One module per measurement (overhead, scaling, ttft_load, health, prompt_cache,
 cache_bound, load_time, cache_unit, conversations, kv_quant, speculative,
-distributed, step_profile); this
+distributed, step_profile, cpu_speed); this
 file runs them in order and report.py prints a table with targets and writes it
 as JSON under bench/results/.
 """
@@ -51,6 +54,7 @@ from pathlib import Path
 import cache_bound
 import cache_unit
 import conversations
+import cpu_speed
 import distributed
 import kv_quant
 import load_time
@@ -73,7 +77,7 @@ PHASES = (("overhead", overhead.run), ("concurrency", scaling.run),
           ("ttft_load", ttft_load.run), ("prompt_cache", prompt_cache.run),
           ("conversations", conversations.run), ("cache_bound", cache_bound.run),
           ("kv_quant", kv_quant.run), ("speculative", speculative.run),
-          ("distributed", distributed.run))
+          ("distributed", distributed.run), ("cpu_speed", cpu_speed.run))
 
 
 def profile_steps(s):
@@ -171,7 +175,8 @@ def main(argv=None):
                         help="comma-separated subset of phases: load_time, overhead, "
                              "concurrency (incl. Health), ttft_load, prompt_cache, "
                              "conversations, cache_bound, kv_quant, speculative, "
-                             "cache_unit (no server)")
+                             "distributed, cpu_speed, cache_unit and step_profile "
+                             "(no server)")
     parser.add_argument("--no-raw-batch", action="store_true",
                         help="skip the raw BatchGenerator baseline of the 16-stream runs")
     args = parser.parse_args(argv)

@@ -29,6 +29,11 @@ mlx-lm's PromptProcessingBatch does (so the LM head, the final norm and the last
 block's attention output and MLP are never computed); its parts are summed over
 the chunks.
 
+The whole decode step (BatchGenerator.next()) and the whole prefill are timed
+again with the server's CPU fast path (cpu_blocks.py: compiled decode pieces,
+attention as compiled ops, kernels built for this CPU): the after to the
+parts' before.
+
 Parts are timed alone, so their sum need not match the whole exactly (more so
 for prefill, whose parts run seconds each on a shared machine): read the rows as
 shares. The machine is shared, so variants are interleaved round by round and
@@ -128,16 +133,17 @@ def paired_ratio(stats, variant, baseline):
 
 # ------------------------------------------------------------------ the model
 
-def load(model_path=None):
+def load(model_path=None, fast_path=False):
+    """The model as the server loads it; mlx-lm's own blocks unless `fast_path`
+    (the parts below are timed op by op, so the whole step must run the same
+    ops: the fast path's blocks fuse some of them)."""
     from mlx_backend.default_model import default_model_path
     from mlx_backend.model_loader import load_model
     from mlx_backend.options import parse_options
     from mlx_backend.request import LoadRequest
 
     path = model_path or default_model_path()
-    # mlx-lm's own blocks: the parts below are timed op by op, so the whole
-    # step must run the same ops (compile_decode would fuse some of them).
-    options = ["compile_decode:false"]
+    options = [] if fast_path else ["compile_decode:false"]
     return load_model(LoadRequest(model=path, options=options), parse_options(options))
 
 
@@ -414,6 +420,27 @@ def profile_batch_generator(model, B, context=100, steps=20, warmup=3, samplers=
 
 # -------------------------------------------------------------------- prefill
 
+def _prefill_ids(args, tokens):
+    import mlx.core as mx
+
+    return mx.random.randint(0, args.vocab_size, (1, tokens), key=mx.random.key(21))
+
+
+def prefill_seconds(model, ids, chunk):
+    """One prefill of `ids` in `chunk`-token steps, as PromptProcessingBatch
+    runs it (only the cache state is evaluated)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache
+
+    caches = [BatchKVCache([0]) for _ in model.layers]
+    t0 = time.perf_counter()
+    for s in range(0, ids.shape[1], chunk):
+        model(ids[:, s:s + chunk], cache=caches)
+        mx.eval([c.state for c in caches])
+        mx.clear_cache()
+    return time.perf_counter() - t0
+
+
 def profile_prefill(model, tokens=1024, chunk=512, reps=2):
     """Seconds for a `tokens`-token prefill in `chunk`-token steps, by component
     (each summed over the chunks)."""
@@ -428,7 +455,7 @@ def profile_prefill(model, tokens=1024, chunk=512, reps=2):
     nh, nkv = args.num_attention_heads, args.num_key_value_heads
     hd = args.head_dim or D // nh
     n = len(layers)
-    ids = mx.random.randint(0, args.vocab_size, (1, tokens), key=mx.random.key(21))
+    ids = _prefill_ids(args, tokens)
     sizes = [min(chunk, tokens - s) for s in range(0, tokens, chunk)]
     inputs = {}
     for C in set(sizes):
@@ -441,13 +468,7 @@ def profile_prefill(model, tokens=1024, chunk=512, reps=2):
         return [BatchKVCache([0]) for _ in layers]
 
     def full():
-        caches = fresh()
-        t0 = time.perf_counter()
-        for s in range(0, tokens, chunk):
-            model(ids[:, s:s + chunk], cache=caches)
-            mx.eval([c.state for c in caches])
-            mx.clear_cache()
-        return time.perf_counter() - t0
+        return prefill_seconds(model, ids, chunk)
 
     def per_chunk(fn):
         def total():
@@ -540,6 +561,9 @@ def run(model_path=None, quick=False, batches=(1, 16), context=100, prefill_toke
     Imports MLX in this process: bench/run.py, which keeps MLX out of its own
     process, should use run_subprocess() instead."""
     started = time.perf_counter()
+    from mlx_backend import native_kernels
+
+    native_kernels.enable()  # as the server does, before MLX builds any kernel
     if not os.environ.get("LD_PRELOAD") and platform.system() == "Linux":
         progress("warning: no LD_PRELOAD; MLX may run without the OpenBLAS fast path")
     loaded = load(model_path)
@@ -560,6 +584,23 @@ def run(model_path=None, quick=False, batches=(1, 16), context=100, prefill_toke
         progress(f"prefill {prefill_tokens} tokens, chunks of {chunk}")
         result["prefill"][str(chunk)] = profile_prefill(model, prefill_tokens, chunk,
                                                         reps=2 if quick else 3)
+    # The same, end to end, with the server's CPU fast path (cpu_blocks.py).
+    del model, loaded
+    fast = load(model_path, fast_path=True)
+    result["fast_path"] = {"weight_format": fast.weight_format, "batch_generator": {},
+                           "prefill": {}}
+    for B in batches:
+        progress(f"BatchGenerator, batch {B}, CPU fast path")
+        result["fast_path"]["batch_generator"][str(B)] = profile_batch_generator(
+            fast.model, B, context, steps=12 if quick else 30)
+    ids = _prefill_ids(fast.model.args, prefill_tokens)
+    prefill_seconds(fast.model, ids, chunks[0] if chunks else 512)  # first use builds kernels
+    for chunk in chunks:
+        progress(f"prefill {prefill_tokens} tokens, chunks of {chunk}, CPU fast path")
+        ms = 1e3 * statistics.median([prefill_seconds(fast.model, ids, chunk)
+                                      for _ in range(2 if quick else 3)])
+        result["fast_path"]["prefill"][str(chunk)] = {"ms": ms,
+                                                     "tok_s": prefill_tokens / (ms / 1e3)}
     result["wall_s"] = time.perf_counter() - started
     return result
 
@@ -603,6 +644,13 @@ def _decode_table(result):
     cells = "".join(f"{result['batch_generator'][b]['tok_s']:11.1f}{'':7s}"
                     for b in bs if b in result["batch_generator"])
     lines.append(f"{'  BatchGenerator tok/s (all rows)':46s}{cells}")
+    fast = result.get("fast_path", {}).get("batch_generator", {})
+    if fast:
+        cells = "".join(f"{fast[b]['ms']:11.2f}{'':7s}" if b in fast else " " * 18 for b in bs)
+        lines.append(f"{'BatchGenerator.next(), CPU fast path':46s}{cells}")
+        cells = "".join(f"{fast[b]['tok_s']:11.1f}{'':7s}" if b in fast else " " * 18
+                        for b in bs)
+        lines.append(f"{'  tok/s, CPU fast path':46s}{cells}")
     lines.append("")
     lines.append("not in the total: sampling at temperature 0.7")
     row("  mlx-lm make_sampler (one batched call)", "sampling_temp_mlx_lm")
@@ -646,6 +694,12 @@ def table(result) -> str:
         prow("sum of parts", "sum_of_parts")
         prow("whole prefill (cache state evaluated)", "full")
         lines.append(f"{'  tok/s':46s}" + "".join(f"{pre[c]['tok_s']:11.0f}{'':7s}" for c in cs))
+        fast = result.get("fast_path", {}).get("prefill", {})
+        if fast:
+            lines.append(f"{'whole prefill, CPU fast path':46s}" + "".join(
+                f"{fast[c]['ms']:11.0f}{'':7s}" if c in fast else " " * 18 for c in cs))
+            lines.append(f"{'  tok/s, CPU fast path':46s}" + "".join(
+                f"{fast[c]['tok_s']:11.0f}{'':7s}" if c in fast else " " * 18 for c in cs))
     lines.append("")
     lines.append(f"(medians; wall {result.get('wall_s', 0):.0f}s; load average "
                  f"{m.get('loadavg')})")

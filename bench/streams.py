@@ -28,6 +28,7 @@ class StreamResult:
         self.error = None
         self.cancelled = False
         self.finished = False  # the stream ended normally (after its final reply)
+        self.prompt_tokens = None  # as the server counted them (when it says)
 
     @property
     def ttft(self) -> Optional[float]:

@@ -178,10 +178,10 @@ def load_model(request, settings: ModelSettings, prepare=None) -> LoadedModel:
     if prepare is not None:
         prepare(model)
     elif on_cpu() and settings.compile_decode and weight_format.startswith("float32"):
-        from .cpu_decode import compile_decode
-        compiled = compile_decode(model)
-        if compiled:
-            weight_format += f", {compiled} blocks compiled for decode"
+        from .cpu_blocks import speed_up_blocks
+        fast = speed_up_blocks(model)
+        if fast:
+            weight_format += f", {fast} blocks on the CPU fast path"
     mx.eval(model.parameters())
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     loaded = LoadedModel(

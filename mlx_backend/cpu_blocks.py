@@ -1,0 +1,117 @@
+"""The CPU fast path's llama blocks: compiled decode steps, attention as
+compiled ops.
+
+MLX's CPU backend fuses elementwise work (reshapes, RoPE's neighbours,
+residual adds, the MLP's gate) only inside `mx.compile`. A block's decode step
+is compiled as two pieces around what changes shape every step (the KV cache
+update and attention): before it the norm, q/k/v and RoPE; after it o_proj,
+the residuals, the second norm and the MLP.
+
+Attention on the CPU is MLX's unfused fallback, whose softmax `exp` was most
+of a long prompt's time. `attention` is that fallback op for op, with the
+softmax as ops too, so its `exp` runs fused in a kernel built for this CPU
+(native_kernels.py): a 1k-token prompt's attention 1.9x faster.
+
+Every piece is the same computation in the same order as mlx-lm's and MLX's
+(tests check it to the bit), so greedy tokens stay the same. Prompt chunks,
+whose lengths vary, run uncompiled (a new trace per length would cost more
+than it saves).
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama
+
+# Shapeless: one trace for every shape (a decode step's keys grow every step).
+# Only elementwise ops: MLX's shapeless compile of the reductions too crashed.
+_exp_minus = mx.compile(lambda x, m: mx.exp(x - m), shapeless=True)
+_times_inverse = mx.compile(lambda e, s: e * (1 / s), shapeless=True)
+
+
+def softmax(x):
+    """mx.softmax(x, axis=-1) to the bit (float32), as ops: its exp, fused by
+    mx.compile, runs as a native kernel (native_kernels.py)."""
+    e = _exp_minus(x, mx.max(x, axis=-1, keepdims=True))
+    return _times_inverse(e, mx.sum(e, axis=-1, keepdims=True))
+
+
+def attention(q, k, v, scale: float, mask):
+    """mx.fast.scaled_dot_product_attention to the bit: MLX's own CPU
+    fallback, op for op, with the softmax above."""
+    B, H, L, D = q.shape
+    n_kv = k.shape[1]
+    rep = H // n_kv
+    q = mx.array(scale, q.dtype) * q
+    if rep > 1:
+        q = q.reshape(B, n_kv, rep, L, D)
+        k, v = mx.expand_dims(k, 2), mx.expand_dims(v, 2)
+    scores = q @ k.swapaxes(-1, -2)
+    if isinstance(mask, str):  # "causal"
+        offset = max(k.shape[-2] - L, 0)
+        mask = mx.arange(offset, offset + L)[:, None] >= mx.arange(k.shape[-2])[None]
+    if mask is not None:
+        if rep > 1 and mask.ndim >= 3:
+            mask = mx.expand_dims(mask, -3) if mask.shape[-3] == 1 else \
+                mask.reshape(*mask.shape[:-3], n_kv, rep, *mask.shape[-2:])
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+        else:
+            scores = scores + mask
+    out = softmax(scores) @ v
+    return out.reshape(B, H, L, D) if rep > 1 else out
+
+
+class FastBlock(llama.TransformerBlock):
+    """A llama block with the CPU fast path's steps (same parameters, same
+    attributes: only the class of the instance changes)."""
+
+    def _prepare(self):
+        attn = self.self_attn
+
+        def before(x, offset):
+            B, L, _ = x.shape
+            h = self.input_layernorm(x)
+            q = attn.q_proj(h).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+            k = attn.k_proj(h).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            v = attn.v_proj(h).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            return attn.rope(q, offset=offset), attn.rope(k, offset=offset), v
+
+        def after(x, attended):
+            B, L, _ = x.shape
+            h = x + attn.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            return h + self.mlp(self.post_attention_layernorm(h))
+
+        self._plain = (before, after)
+        self._compiled = (mx.compile(before), mx.compile(after))
+
+    def __call__(self, x, mask=None, cache=None):
+        if cache is None or hasattr(cache, "bits"):  # quantized caches: mlx-lm's attention
+            return super().__call__(x, mask, cache)
+        offset = cache.offset
+        batched_decode = x.shape[1] == 1 and isinstance(offset, mx.array) \
+            and type(cache).__name__ == "BatchKVCache" and not isinstance(mask, str)
+        before, after = self._compiled if batched_decode else self._plain
+        q, k, v = before(x, offset)
+        keys, values = cache.update_and_fetch(k, v)
+        attended = attention(q, keys, values, self.self_attn.scale, mask)
+        return after(x, attended)
+
+
+def speed_up_blocks(model) -> int:
+    """Switch the plain llama blocks of `model` to FastBlock; returns how many.
+    Anything else (other architectures, LoRA layers, sliding windows,
+    quantized or sharded projections) is left as it is."""
+    switched = 0
+    for block in getattr(model, "layers", []):
+        if type(block) is not llama.TransformerBlock or block.use_sliding:
+            continue
+        attn, mlp = block.self_attn, block.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                   mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(linear) is not nn.Linear for linear in linears) \
+                or type(attn) is not llama.Attention or type(mlp) is not llama.MLP:
+            continue
+        block.__class__ = FastBlock
+        block._prepare()
+        switched += 1
+    return switched
