@@ -153,6 +153,7 @@ def run(s):
     if out["llama_server"]:
         log(f"    starting {binary} on the same GGUF")
         llama = LlamaServer(binary, s.model, s.logdir / "llama-server.log", os.cpu_count() or 1)
+        llama.run([s.book.plain(8999, 16)] * 2, 8)  # unmeasured, as the main server's warm-up
     tokens = TOKENS if not s.cfg.quick else 24
     runs = {"ours": [], "llama": []}
     counter = 9000
@@ -191,11 +192,14 @@ def run(s):
     ref = out.get("llama") or LLAMA_REFERENCE
     out["versus"] = "measured" if "llama" in out else "reference"
     o = out["ours"]
+    def at_least(value, floor):
+        return value is not None and floor is not None and value >= floor
+
     out["checks"] = {
-        "single_tps": o["single_tps"] is not None and o["single_tps"] >= TARGETS["single_tps"],
-        "prefill_tps": o["prefill_tps"] is not None and o["prefill_tps"] >= TARGETS["prefill_tps"],
-        "aggregate_tps": o["aggregate_tps"] is not None and o["aggregate_tps"] >= ref["aggregate_tps"],
-        "ttft_p50_s": o["ttft_p50_s"] is not None and o["ttft_p50_s"] <= ref["ttft_p50_s"],
+        "single_tps": at_least(o["single_tps"], TARGETS["single_tps"]),
+        "prefill_tps": at_least(o["prefill_tps"], TARGETS["prefill_tps"]),
+        "aggregate_tps": at_least(o["aggregate_tps"], ref["aggregate_tps"]),
+        "ttft_p50_s": at_least(ref["ttft_p50_s"], o["ttft_p50_s"]),
     }
     out["pass"] = all(out["checks"].values())
 
@@ -214,7 +218,10 @@ def rows(c) -> list:
                f"{lo_hi[0]}-{lo_hi[1]}, {c.get('tokens')}", "", "")]
 
     def row(name, key, show, target, ok):
-        result.append(("", f"  {name}", f"{show(o.get(key))} / {show(ref.get(key))}", target,
+        times = ratio(o.get(key), ref.get(key))
+        value = f"{show(o.get(key))} / {show(ref.get(key))}" + \
+            (f" ({times:.2f}x)" if times is not None else "")
+        result.append(("", f"  {name}", value, target,
                        "" if ok is None else ("PASS" if ok else "FAIL")))
 
     row("1 stream decode tok/s", "single_tps", fmt, ">= 18", checks.get("single_tps"))

@@ -178,7 +178,8 @@ def load_model(request, settings: ModelSettings, prepare=None) -> LoadedModel:
     if prepare is not None:
         prepare(model)
     elif on_cpu() and settings.compile_decode and weight_format.startswith("float32"):
-        from .cpu_blocks import speed_up_blocks
+        from .cpu_blocks import speed_up_blocks, use_fast_logsumexp
+        use_fast_logsumexp()
         fast = speed_up_blocks(model)
         if fast:
             weight_format += f", {fast} blocks on the CPU fast path"

@@ -1,13 +1,16 @@
 """mlx_backend/cpu_blocks.py: the CPU fast path's blocks give exactly mlx-lm's
 tokens, and its attention exactly MLX's."""
 
+import importlib
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
 
-from mlx_backend.cpu_blocks import FastBlock, attention, speed_up_blocks, softmax
+from mlx_backend.cpu_blocks import (FastBlock, attention, logsumexp, softmax, speed_up_blocks,
+                                    use_fast_logsumexp)
 from mlx_backend.model_loader import load_model
 from mlx_backend.options import parse_options
 from mlx_backend.request import LoadRequest
@@ -79,6 +82,21 @@ def test_softmax_is_mlx_softmax_to_the_bit():
                         mx.full((4, 7, 5), mx.finfo(mx.float32).min)], axis=-1)
     for rows in (x, x[:, :1], x[..., :33]):  # one trace serves every shape
         assert mx.array_equal(softmax(rows), mx.softmax(rows, axis=-1, precise=True))
+
+
+def test_logsumexp_is_mlx_logsumexp_to_the_bit():
+    x = mx.random.normal((16, 4000), key=mx.random.key(3)) * 8
+    inf = float("inf")
+    rows = mx.concatenate([x, mx.full((1, 4000), -inf), mx.full((1, 4000), inf),
+                           mx.where(mx.arange(4000) % 7 == 0, x[:1], -inf)])
+    for t in (rows, rows[:1], rows[:, :33]):
+        for keepdims in (True, False):
+            assert mx.array_equal(logsumexp(t, axis=-1, keepdims=keepdims),
+                                  mx.logsumexp(t, axis=-1, keepdims=keepdims))
+    assert mx.array_equal(logsumexp(x, keepdims=True), mx.logsumexp(x, keepdims=True))
+    use_fast_logsumexp()
+    generate = importlib.import_module("mlx_lm.generate")
+    assert generate.mx.logsumexp is logsumexp and generate.mx.array is mx.array
 
 
 def test_only_plain_llama_blocks_are_switched(tiny_model):
