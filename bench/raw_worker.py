@@ -3,8 +3,10 @@
 Started by bench/run.py as a subprocess with the environment run.sh gives the
 server (LD_PRELOAD of OpenBLAS on Linux when present), so both sides run the
 same BLAS. The model is loaded with the server's own loader
-(`mlx_backend.model_loader.load_model`), so the GGUF import and the CPU fast
-path (dequantize to float32) are identical.
+(`mlx_backend.model_loader.load_model`), after the server's
+`native_kernels.enable()`, so the GGUF import and the CPU fast path
+(dequantize to float32, its blocks, fused kernels built for this CPU) are
+identical.
 
 Protocol, one JSON object per line: the worker prints {"ready": ...} once
 loaded, then answers each {"tokens": [...], "max_tokens": N} read from stdin
@@ -27,6 +29,9 @@ def main():
     parser.add_argument("--model", required=True)
     args = parser.parse_args()
 
+    from mlx_backend import native_kernels
+
+    native_kernels.enable()  # as the server does, before MLX builds any kernel
     import mlx.core as mx
     import mlx_lm
 
