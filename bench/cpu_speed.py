@@ -1,6 +1,6 @@
 """14. CPU speed side by side with llama.cpp's server on the same GGUF.
 
-The table of the "CPU speed" issue, for this backend and, when a `llama-server`
+One table for this backend and, when a `llama-server`
 binary is found (LLAMA_SERVER, else PATH), for llama.cpp's server started on the
 same GGUF (`-np 16`, continuous batching, all cores): single-stream decode
 tok/s, 16 simultaneous new requests (aggregate tok/s from send to last token,
@@ -9,8 +9,8 @@ decode tok/s while all 16 decode, TTFT p50), and prefill tok/s of a cold
 tokens, different per stream, fresh each repeat), 64 greedy tokens each with
 end-of-sequence ignored, and the repeats alternate between the two servers so
 drift on a noisy machine hits both. Without llama.cpp the table compares with
-the figures llama.cpp's server gave on the 2-core reference machine when the
-issue was filed.
+the figures llama.cpp's server gave when first measured on the 2-core
+reference machine (README, Benchmarks).
 """
 
 import json
@@ -27,9 +27,9 @@ from common import log, median, ratio
 from report import fmt, fmt_ms
 from streams import Background, StreamResult, predict_options, summarize_streams
 
-# llama.cpp's server on the 2-core reference machine (the issue's table).
+# llama.cpp's server as first measured on the 2-core reference machine.
 LLAMA_REFERENCE = {"single_tps": 71.4, "aggregate_tps": 72.0, "decode_tps": 148.3,
-                   "ttft_p50_s": 7.4, "source": "the issue's reference run"}
+                   "ttft_p50_s": 7.4}
 TARGETS = {"single_tps": 18.0, "prefill_tps": 250.0}
 STREAMS = 16
 TOKENS = 64
@@ -55,6 +55,7 @@ class LlamaServer:
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                self.log.close()
                 raise RuntimeError(f"llama-server exited with {self.proc.returncode} "
                                    f"(log: {log_path})")
             try:
@@ -128,7 +129,7 @@ def ours(s, prompts: List[str], tokens: int) -> List[StreamResult]:
 
 
 def measure(results: List[StreamResult]) -> dict:
-    """The issue's figures for streams sent together."""
+    """The table's figures for streams sent together."""
     if len(results) == 1:
         r = results[0]
         return {"single_tps": r.decode_rate(),
@@ -212,7 +213,7 @@ def rows(c) -> list:
     if c.get("versus") == "measured":
         label = "llama.cpp's server (-np 16, same GGUF)"
     else:
-        label = f"llama.cpp as in the issue ({c.get('llama_note', '')})"
+        label = f"llama.cpp as first measured ({c.get('llama_note', '')})"
     result = [("14", f"CPU speed: this backend / {label}", "", "", ""),
               ("", "  prompt tokens, greedy tokens per request",
                f"{lo_hi[0]}-{lo_hi[1]}, {c.get('tokens')}", "", "")]

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Where one decode step's time goes, at batch 1 and 16, and where a 1k-token
-prefill's time goes, for the default model on the CPU (issue "CPU speed").
+prefill's time goes, for the default model on the CPU.
 
     .venv/bin/python bench/step_profile.py --quick          # ~2-3 min: the table
     .venv/bin/python bench/step_profile.py                  # more repeats
