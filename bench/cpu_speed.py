@@ -25,7 +25,7 @@ from typing import List, Optional
 
 from common import log, median, ratio
 from report import fmt, fmt_ms
-from streams import Background, StreamResult, predict_options, summarize_streams
+from streams import StreamResult, run_streams, summarize_streams
 
 # llama.cpp's server as first measured on the 2-core reference machine.
 LLAMA_REFERENCE = {"single_tps": 71.4, "aggregate_tps": 72.0, "decode_tps": 148.3,
@@ -117,28 +117,15 @@ class LlamaServer:
         self.log.close()
 
 
-def ours(s, prompts: List[str], tokens: int) -> List[StreamResult]:
-    bg = Background(s.main.stub, [predict_options(p, tokens) for p in prompts])
-    bg.join()
-    s.main.wait_idle()
-    if bg.errors():
-        raise RuntimeError(bg.errors()[0])
-    for r in bg.results:
-        r.prompt_tokens = r.final.prompt_tokens
-    return bg.results
-
-
-def measure(results: List[StreamResult]) -> dict:
-    """The table's figures for streams sent together."""
-    if len(results) == 1:
-        r = results[0]
-        return {"single_tps": r.decode_rate(),
-                "prefill_tps": ratio(r.prompt_tokens, r.ttft)}
-    summary = summarize_streams(results)
-    sent, last = min(r.sent for r in results), max(r.last_time for r in results)
-    return {"aggregate_tps": ratio(sum(r.tokens for r in results), last - sent),
-            "decode_tps": summary["steady_tps"], "ttft_p50_s": summary["ttft_s_median"],
-            "prompt_tokens": [r.prompt_tokens for r in results]}
+def measure(summary: dict) -> dict:
+    """The table's figures from summarize_streams() of streams sent together."""
+    if summary["streams"] == 1:
+        prompt_tokens = summary["prompt_tokens"][0]
+        return {"single_tps": summary.get("per_stream_tps"),
+                "prefill_tps": ratio(prompt_tokens, summary.get("ttft_s_median"))}
+    return {"aggregate_tps": summary["wall_tps"], "decode_tps": summary["steady_tps"],
+            "ttft_p50_s": summary.get("ttft_s_median"),
+            "prompt_tokens": summary["prompt_tokens"]}
 
 
 def run(s):
@@ -166,9 +153,9 @@ def run(s):
                 words = 32 + (80 * i) // STREAMS  # ~44-144 tokens
                 (one if i == 0 else many).append(s.book.plain(counter, words))
             long = s.book.cold(s.book.text_of_tokens(1000 if not s.cfg.quick else 400))
-            sides = [("ours", lambda p, n: ours(s, p, n))]
+            sides = [("ours", lambda p, n: run_streams(s.main, p, n, "cpu_speed"))]
             if llama is not None:
-                sides.append(("llama", llama.run))
+                sides.append(("llama", lambda p, n: summarize_streams(llama.run(p, n))))
             if rep % 2:
                 sides.reverse()
             for side, fn in sides:

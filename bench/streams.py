@@ -83,6 +83,7 @@ def run_stream(stub, request, result: Optional[StreamResult] = None,
             if reply.message and result.first_text is None:
                 result.first_text = now
             result.final = reply
+            result.prompt_tokens = reply.prompt_tokens
         result.finished = True
     except grpc.RpcError as err:
         if err.code() == grpc.StatusCode.CANCELLED:
@@ -146,14 +147,17 @@ def summarize_streams(results) -> dict:
     steady: tokens generated while all N streams were decoding (from the last
     stream's first token to the first stream's last reply) per second of that
     window; phase: every token after each stream's first, over the time from
-    the first first-token to the last reply.
+    the first first-token to the last reply; wall: every token over the time
+    from the first call to the last reply (prefill included).
     """
     firsts = [r.first_token_time for r in results]
     lasts = [r.last_time for r in results]
     out = {"streams": len(results), "tokens": sum(r.tokens for r in results),
-           "steady_tps": None, "phase_tps": None}
+           "steady_tps": None, "phase_tps": None, "wall_tps": None,
+           "prompt_tokens": [r.prompt_tokens for r in results]}
     if any(t is None for t in firsts + lasts):
         return out
+    out["wall_tps"] = out["tokens"] / (max(lasts) - min(r.sent for r in results))
     t0, t1 = max(firsts), min(lasts)
     if t1 > t0:
         made = sum(r.tokens_at(t1) - r.tokens_at(t0) for r in results)

@@ -517,6 +517,7 @@ class Engine(TickingEngine):
         self._generator = None
         self.loaded = None
         self.draft = None
+        self._grammars.clear()  # compiled for the old tokenizer
         if self.prompt_cache is not None:
             self.prompt_cache.clear()
         self.prompt_cache = None

@@ -64,15 +64,17 @@ def enable(cache_root: Optional[Path] = None) -> Optional[str]:
     key = hashlib.sha256(f"{_cpu_identity()}\n{version}\n{FLAGS}\n{gxx}".encode())
     root = cache_root or Path.home() / ".cache" / "mlx-backend"
     folder = root / f"kernels-{key.hexdigest()[:16]}"
+    wrapper = folder / "bin" / "g++"
+    script = f'#!/bin/sh\nexec "{gxx}" "$@" {FLAGS}\n'
     try:
-        (folder / "bin").mkdir(parents=True, exist_ok=True)
-        (folder / "tmp").mkdir(exist_ok=True)
-        if not _compiler_works(gxx, folder):
-            log.warning("g++ rejects %s: MLX's fused CPU kernels stay generic", FLAGS)
-            return None
-        wrapper = folder / "bin" / "g++"
-        script = f'#!/bin/sh\nexec "{gxx}" "$@" {FLAGS}\n'
+        # The wrapper is written only once the compiler took the flags, and the
+        # folder is this compiler's: a wrapper in place needs no new probe.
+        (folder / "tmp").mkdir(parents=True, exist_ok=True)  # MLX fails without it
         if not wrapper.exists() or wrapper.read_text() != script:
+            (folder / "bin").mkdir(exist_ok=True)
+            if not _compiler_works(gxx, folder):
+                log.warning("g++ rejects %s: MLX's fused CPU kernels stay generic", FLAGS)
+                return None
             staged = wrapper.with_suffix(f".{os.getpid()}")
             staged.write_text(script)
             staged.chmod(0o755)

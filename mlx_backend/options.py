@@ -72,7 +72,7 @@ class ModelSettings:
     context_overflow: str = "error"  # or "truncate": drop the oldest turns to fit
     # Loading.
     dequantize: Optional[bool] = None  # None: dequantize on the CPU only
-    compile_decode: bool = True  # CPU: llama blocks' decode steps as compiled pieces
+    compile_decode: bool = True  # CPU: llama blocks' decode steps and attention compiled
     gguf_cache_dir: Optional[str] = None
     gguf_requant_bits: Optional[int] = None  # re-quantize K-quants (None: keep floats)
     gguf_requant_group_size: int = 64

@@ -31,14 +31,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(addr: str, args=(), env=None, log=None) -> subprocess.Popen:
-    """`run.sh --addr ADDR ARGS`; `env` is added to ours; output goes to `log`
-    (an open file) or, when None, to our own stdout/stderr."""
+def _run_sh(args, env=None, log=None) -> subprocess.Popen:
+    """`run.sh ARGS`; `env` is added to ours; output goes to `log` (an open
+    file) or, when None, to our own stdout/stderr."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1")  # the log shows lines as they happen
     full_env.update(env or {})
-    return subprocess.Popen([str(RUN_SH), "--addr", addr, *args], stdout=log,
+    return subprocess.Popen([str(RUN_SH), *args], stdout=log,
                             stderr=subprocess.STDOUT if log is not None else None,
                             env=full_env)
+
+
+def start(addr: str, args=(), env=None, log=None) -> subprocess.Popen:
+    """`run.sh --addr ADDR ARGS` (see _run_sh)."""
+    return _run_sh(["--addr", addr, *args], env, log)
 
 
 def write_hostfile(path, ranks: int = 2) -> Path:
@@ -51,11 +56,8 @@ def write_hostfile(path, ranks: int = 2) -> Path:
 def start_worker(hostfile, rank: int = 1, env=None, log=None) -> subprocess.Popen:
     """`run.sh --worker --backend ring --hostfile H --rank N`, as
     `local-ai worker mlx-distributed` starts a worker rank."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1")
-    full_env.update(env or {})
-    return subprocess.Popen([str(RUN_SH), "--worker", "--backend", "ring", "--hostfile",
-                             str(hostfile), "--rank", str(rank)], stdout=log,
-                            stderr=subprocess.STDOUT if log is not None else None, env=full_env)
+    return _run_sh(["--worker", "--backend", "ring", "--hostfile", str(hostfile),
+                    "--rank", str(rank)], env, log)
 
 
 def wait_healthy(stub, proc=None, timeout=120, metadata=None, log_tail=None):

@@ -294,7 +294,8 @@ class TickingEngine:
     def _digest(self) -> int:
         """What every rank's engine must agree on before each tick."""
         cache = self.prompt_cache
-        state = (sorted((uid, len(slot.generated)) for uid, slot in self._slots.items()),
+        state = (sorted((uid, len(slot.generated), slot.generated[-1:])
+                        for uid, slot in self._slots.items()),
                  self.loaded is not None, len(cache) if cache is not None else -1,
                  cache.nbytes if cache is not None else -1)
         return zlib.crc32(repr(state).encode())
