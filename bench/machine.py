@@ -1,7 +1,6 @@
 """Facts about the machine and processes, so results can be compared across runs,
 and the environment run.sh gives the server, so baselines run like it."""
 
-import glob
 import os
 import platform
 import subprocess
@@ -18,13 +17,13 @@ def project_python() -> str:
 
 
 def run_sh_preload() -> Optional[str]:
-    """The library run.sh would put in LD_PRELOAD, or None (same rules as run.sh)."""
-    if platform.system() != "Linux" or os.environ.get("MLX_BACKEND_NO_OPENBLAS"):
+    """What run.sh puts in LD_PRELOAD (mlx_backend/blas/preload.sh), or None."""
+    try:
+        done = subprocess.run([str(ROOT / "mlx_backend" / "blas" / "preload.sh")],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
         return None
-    for lib in sorted(glob.glob("/usr/lib/*/openblas-pthread/libblas.so.3")):
-        if os.path.exists(lib):
-            return lib
-    return None
+    return done.stdout.strip() or None
 
 
 def env_like_run_sh(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
