@@ -14,11 +14,12 @@ done
 src="$(cd "$(dirname "$0")" && pwd)/gemv_forward.c"
 if [ "${MLX_BACKEND_GEMV:-1}" != 0 ] && command -v cc >/dev/null 2>&1; then
   out="${HOME:-/tmp}/.cache/mlx-backend/gemv-$(sha1sum < "$src" | cut -c1-16).so"
-  if [ ! -e "$out" ] && mkdir -p "$(dirname "$out")" 2>/dev/null; then
+  case "$out" in *[[:space:]:]*) out="" ;; esac  # LD_PRELOAD splits paths there
+  if [ -n "$out" ] && [ ! -e "$out" ] && mkdir -p "$(dirname "$out")" 2>/dev/null; then
     # Built aside and moved in: servers starting together never load half a file.
     cc -O2 -shared -fPIC -o "$out.$$" "$src" -ldl >/dev/null 2>&1 \
       && mv -f "$out.$$" "$out" || rm -f "$out.$$"
   fi
-  if [ -e "$out" ]; then blas="$out:$blas"; fi
+  if [ -n "$out" ] && [ -e "$out" ]; then blas="$out:$blas"; fi
 fi
 echo "$blas"
