@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import List
 
 import grpc
 
@@ -25,10 +26,20 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_SH = ROOT / "run.sh"
 
 
+def free_ports(n: int) -> List[int]:
+    """`n` distinct free ports on 127.0.0.1 (all bound at once, so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _run_sh(args, env=None, log=None) -> subprocess.Popen:
@@ -49,7 +60,7 @@ def start(addr: str, args=(), env=None, log=None) -> subprocess.Popen:
 def write_hostfile(path, ranks: int = 2) -> Path:
     """A ring hostfile of `ranks` free ports on 127.0.0.1 (entry i = rank i)."""
     path = Path(path)
-    path.write_text(json.dumps([f"127.0.0.1:{free_port()}" for _ in range(ranks)]))
+    path.write_text(json.dumps([f"127.0.0.1:{port}" for port in free_ports(ranks)]))
     return path
 
 

@@ -6,7 +6,6 @@ by MLX's ring backend on 127.0.0.1, so the collectives are real."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from mlx_lm.models import llama, qwen2
 
 from mlx_backend.distributed.sharding import PipelineStage, choose_parallel, shard_model
 from mlx_backend.errors import InvalidArgument
-from mlx_backend.server_process import ROOT
+from mlx_backend.server_process import ROOT, free_ports
 
 RANK_SCRIPT = Path(__file__).with_name("shard_rank.py")
 TIMEOUT_S = 60
@@ -102,18 +101,6 @@ def test_one_rank_pipeline_stage_is_the_plain_model():
 
 
 # ---- split models across 2 real processes -----------------------------------------------------
-
-def free_ports(n):
-    """n distinct free ports (all bound at once, so none repeats)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
 
 def run_ranks(tmp_path, parallel, size=2):
     """Run shard_rank.py as `size` ring-connected ranks; their JSON reports."""
