@@ -536,10 +536,10 @@ def profile_prefill(model, tokens=1024, chunk=512, reps=2):
 def machine():
     import mlx.core as mx
 
-    from mlx_backend.model_loader import blas_library
+    from mlx_backend.model_loader import blas_library, gemv_forwarder
 
     info = {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "mlx": mx.__version__, "blas": blas_library(),
+            "mlx": mx.__version__, "blas": blas_library(), "gemv_forwarder": gemv_forwarder(),
             "ld_preload": os.environ.get("LD_PRELOAD"),
             "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
     try:
@@ -665,7 +665,8 @@ def table(result) -> str:
     bs = list(dec)
     m = result.get("machine", {})
     lines.append(f"model {os.path.basename(result['model'])} ({result['weight_format']}, "
-                 f"{result['weights_mb']:.0f} MB); blas {m.get('blas')}; "
+                 f"{result['weights_mb']:.0f} MB); blas {m.get('blas')}"
+                 f"{' (one-row products as gemv)' if m.get('gemv_forwarder') else ''}; "
                  f"{m.get('cpus')} CPUs; context {result['context']} positions/row")
     if bs:
         lines += _decode_table(result)

@@ -99,18 +99,28 @@ def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
-def blas_library() -> Optional[str]:
-    """The optimized BLAS mapped into this process, if any (CPU fast path)."""
+def _mapped(pattern: str, exclude: str = "") -> Optional[str]:
+    """The first file mapped into this process whose path matches `pattern`."""
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 path = line.split()[-1]
-                # numpy's private OpenBLAS does not serve MLX's BLAS calls.
-                if re.search(r"openblas|libmkl|libblis", path) and "scipy_openblas" not in path:
+                if re.search(pattern, path) and not (exclude and exclude in path):
                     return path
     except OSError:
         pass
     return None
+
+
+def blas_library() -> Optional[str]:
+    """The optimized BLAS mapped into this process, if any (CPU fast path).
+    numpy's private OpenBLAS does not serve MLX's BLAS calls."""
+    return _mapped(r"openblas|libmkl|libblis", exclude="scipy_openblas")
+
+
+def gemv_forwarder() -> Optional[str]:
+    """The one-row forwarder run.sh preloads before OpenBLAS (mlx_backend/blas/)."""
+    return _mapped(r"/mlx-backend/gemv-[0-9a-f]+\.so$")
 
 
 def _apply_cpu_fast_path(model: nn.Module, settings: ModelSettings) -> str:
@@ -205,7 +215,8 @@ def load_model(request, settings: ModelSettings, prepare=None) -> LoadedModel:
         log.info("LoRA adapters: %s", adapters_line)
     if on_cpu():
         if blas:
-            log.info("CPU fast path: BLAS %s", blas)
+            log.info("CPU fast path: BLAS %s%s", blas, " (one-row products as gemv)"
+                     if gemv_forwarder() else "")
         else:
             log.warning("CPU fast path unavailable: no optimized BLAS loaded (install "
                         "libopenblas0-pthread and start through run.sh)")
