@@ -194,6 +194,9 @@ def load_model(request, settings: ModelSettings, prepare=None) -> LoadedModel:
         if fast:
             weight_format += f", {fast} blocks on the CPU fast path"
     mx.eval(model.parameters())
+    if prepare is None and on_cpu() and settings.compile_decode:
+        from .warm_up import warm_up
+        log.info("CPU kernels warmed up in %.2fs", warm_up(model, len(tokenizer)))
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     loaded = LoadedModel(
         name=name or source,
