@@ -6,7 +6,7 @@
 # server directly (exec), so SIGTERM stops it gracefully.
 set -euo pipefail
 dir="$(cd "$(dirname "$0")" && pwd)"
-preload="$("$dir/mlx_backend/blas/preload.sh" || true)"
+preload="$(bash "$dir/mlx_backend/blas/preload.sh" || true)"
 if [ -n "$preload" ]; then
   export LD_PRELOAD="$preload${LD_PRELOAD:+:$LD_PRELOAD}"
 fi

@@ -16,11 +16,13 @@ def project_python() -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def run_sh_preload() -> Optional[str]:
-    """What run.sh puts in LD_PRELOAD (mlx_backend/blas/preload.sh), or None."""
+def run_sh_preload(env: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """What run.sh puts in LD_PRELOAD (mlx_backend/blas/preload.sh) in
+    environment `env` (ours by default), or None."""
     try:
-        done = subprocess.run([str(ROOT / "mlx_backend" / "blas" / "preload.sh")],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(["bash", str(ROOT / "mlx_backend" / "blas" / "preload.sh")],
+                              capture_output=True, text=True, timeout=120,
+                              env=env)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() or None
@@ -29,10 +31,10 @@ def run_sh_preload() -> Optional[str]:
 def env_like_run_sh(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The environment run.sh gives the server, for processes compared with it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    lib = run_sh_preload()
+    env.update(extra or {})
+    lib = run_sh_preload(env)
     if lib:
         env["LD_PRELOAD"] = lib + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
-    env.update(extra or {})
     return env
 
 

@@ -1,8 +1,8 @@
 """The raw baseline: `mlx_lm.stream_generate` on the weights the server uses.
 
 Started by bench/run.py as a subprocess with the environment run.sh gives the
-server (LD_PRELOAD of OpenBLAS on Linux when present), so both sides run the
-same BLAS. The model is loaded with the server's own loader
+server (LD_PRELOAD of OpenBLAS and its one-row forwarder on Linux when present),
+so both sides run the same BLAS. The model is loaded with the server's own loader
 (`mlx_backend.model_loader.load_model`), after the server's
 `native_kernels.enable()`, so the GGUF import and the CPU fast path
 (dequantize to float32, its blocks, fused kernels built for this CPU) are

@@ -6,8 +6,9 @@ prefill's time goes, for the default model on the CPU.
     .venv/bin/python bench/step_profile.py                  # more repeats
     .venv/bin/python bench/step_profile.py --json out.json  # also write the numbers
 
-Run it with OpenBLAS preloaded as run.sh does; main() re-executes itself with
-run.sh's LD_PRELOAD when it is missing (MLX_BACKEND_NO_OPENBLAS=1 turns that off).
+Run it with run.sh's preload (OpenBLAS and its one-row forwarder); main()
+re-executes itself with run.sh's LD_PRELOAD when it is missing
+(MLX_BACKEND_NO_OPENBLAS=1 turns that off).
 
 Method. The model is loaded the way the server loads it (load_model: the GGUF
 imported to float32 MLX weights). A decode step is mlx-lm's model on one token

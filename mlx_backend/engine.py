@@ -458,7 +458,7 @@ class Engine(TickingEngine):
             vocab = max(len(loaded.tokenizer), getattr(args, "vocab_size", 0) or 0)
             return PromptLookupDraft(vocab)
         draft = load_model(LoadRequest(request.draft_model, model_path=request.model_path),
-                           settings)
+                           settings, warm=False)  # the model's warm-up built the kernels
         check_vocabulary(loaded.tokenizer, draft.tokenizer, request.draft_model)
         log.info("draft model %s: %d draft tokens per step by default", draft.source,
                  settings.num_draft_tokens)

@@ -164,11 +164,13 @@ def _context_length(config: dict, tokenizer, settings: ModelSettings, requested:
     return int(limit) if limit and limit < 10**7 else 4096
 
 
-def load_model(request, settings: ModelSettings, prepare=None) -> LoadedModel:
+def load_model(request, settings: ModelSettings, prepare=None, warm=True) -> LoadedModel:
     """Resolve, load and prepare a model for a `request.LoadRequest`, with its
     LoRA adapters merged in; raises NotFound or LoadError. `prepare(model)`
     runs before the weights are read (distributed mode shards there, so a
-    rank never reads the layers it drops)."""
+    rank never reads the layers it drops). `warm` builds MLX's CPU kernels
+    before returning (warm_up.py), never for a prepared model: its ranks must
+    run every forward pass together."""
     import mlx_lm
 
     from . import adapters as lora
@@ -194,9 +196,11 @@ def load_model(request, settings: ModelSettings, prepare=None) -> LoadedModel:
         if fast:
             weight_format += f", {fast} blocks on the CPU fast path"
     mx.eval(model.parameters())
-    if prepare is None and on_cpu() and settings.compile_decode:
+    if warm and prepare is None and on_cpu() and settings.compile_decode:
         from .warm_up import warm_up
-        log.info("CPU kernels warmed up in %.2fs", warm_up(model, len(tokenizer)))
+        seconds = warm_up(model, len(tokenizer))
+        if seconds is not None:
+            log.info("CPU kernels warmed up in %.2fs", seconds)
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     loaded = LoadedModel(
         name=name or source,

@@ -4,14 +4,16 @@ than in the first requests.
 MLX compiles each fused kernel with g++ the first time it runs, and keeps it
 on disk (native_kernels.py). On a machine that has not built them yet (a
 fresh one, or a new CPU, compiler or MLX), the first requests wait for that:
-about 7 s for the first greedy request, 3.5 s more for the first batch of
-several and 2 s for the first sampled one on the reference 2-core machine. A
-few tokens of each kind of generation at load build them all; once they are
-on disk this costs a fraction of a second.
+on the reference 2-core machine the first greedy request took 7 s longer,
+the first batch of several 3.5 s and the first sampled request 2 s. A few
+tokens of each kind at load build them (11 s there); once they are on disk
+this costs about half a second. Rarer paths (a quantized KV cache, penalties,
+grammars, speculative decoding) still build theirs at first use.
 """
 
 import logging
 import time
+from typing import Optional
 
 from mlx_lm.generate import BatchGenerator
 
@@ -19,18 +21,18 @@ from .sampling import SamplingParams, make_sampler
 
 log = logging.getLogger(__name__)
 
-# A sampled row with every filter on (their kernels are built too); seeded.
+# A sampled row with top-p, top-k and min-p on (their kernels are built too); seeded.
 SAMPLED = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05,
                          repetition_penalty=1.0, repeat_last_n=0, presence_penalty=0.0,
                          frequency_penalty=0.0, logit_bias={}, xtc_probability=0.0,
                          xtc_threshold=0.1, seed=0)
 
 
-def warm_up(model, vocab_size: int) -> float:
+def warm_up(model, vocab_size: int) -> Optional[float]:
     """Generate a few greedy tokens alone, then two rows of different lengths
-    together (one greedy, one sampled); returns the seconds it took. A failure
-    is logged, not raised: a model that cannot generate says so to the first
-    request."""
+    together (one greedy, one sampled); returns the seconds it took, or None
+    if it failed. A failure is logged, not raised: a model that cannot
+    generate says so to the first request."""
     started = time.perf_counter()
 
     def ids(n, first):
@@ -43,6 +45,7 @@ def warm_up(model, vocab_size: int) -> float:
     except Exception as err:
         log.warning("warming up the CPU kernels failed (%s: %s); the first requests "
                     "build them instead", type(err).__name__, err)
+        return None
     return time.perf_counter() - started
 
 

@@ -14,9 +14,11 @@
    between gemm's own kernels for different row counts. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111 };
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, CONJ_TRANS = 113 };
 enum { MIN_ELEMENTS = 1 << 16 };  /* 256 KiB of float32 */
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
@@ -32,18 +34,25 @@ __attribute__((constructor)) static void resolve(void) {
   next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
 }
 
+static int transposed(int trans) { return trans == TRANS || trans == CONJ_TRANS; }
+
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
-  if (order == ROW_MAJOR && m == 1 && trans_b != NO_TRANS && n > 0 && k > 0
+  if (order == ROW_MAJOR && m == 1 && transposed(trans_b)
+      && (trans_a == NO_TRANS || transposed(trans_a)) && n > 0 && k > 0
       && (long)n * k >= MIN_ELEMENTS && next_sgemv) {
     /* c (1 x n) = alpha * a (1 x k) . b^T + beta * c with b stored n x k, as
        c = alpha * b a + beta * c; the row a is strided when stored transposed. */
-    if (beta == 0.0f)  /* gemm ignores c then; gemv would scale what is there */
+    if (beta == 0.0f)  /* gemm never reads c then: no NaN left there may leak */
       memset(c, 0, (size_t)n * sizeof(float));
     next_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, trans_a == NO_TRANS ? 1 : lda,
                beta, c, 1);
     return;
+  }
+  if (!next_sgemm) {
+    fputs("gemv_forward: no BLAS after it provides cblas_sgemm\n", stderr);
+    abort();
   }
   next_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
