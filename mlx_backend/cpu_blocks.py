@@ -24,6 +24,7 @@ import types
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
+from mlx_lm.models.cache import BatchKVCache
 
 # The module (mlx_lm's package exports a function of the same name).
 generate = importlib.import_module("mlx_lm.generate")
@@ -124,7 +125,7 @@ class FastBlock(llama.TransformerBlock):
             return super().__call__(x, mask, cache)
         offset = cache.offset
         batched_decode = x.shape[1] == 1 and isinstance(offset, mx.array) \
-            and type(cache).__name__ == "BatchKVCache" and not isinstance(mask, str)
+            and type(cache) is BatchKVCache and not isinstance(mask, str)
         before, after = self._compiled if batched_decode else self._plain
         q, k, v = before(x, offset)
         keys, values = cache.update_and_fetch(k, v)

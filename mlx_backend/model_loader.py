@@ -187,16 +187,17 @@ def load_model(request, settings: ModelSettings, prepare=None, warm=True) -> Loa
         raise LoadError(f"{source}: cannot load model: {type(err).__name__}: {err}") from err
     weight_format = _apply_cpu_fast_path(model, settings)
     adapters_line = lora.apply(model, config, adapters) if adapters else ""
+    compiled_on_cpu = prepare is None and on_cpu() and settings.compile_decode
     if prepare is not None:
         prepare(model)
-    elif on_cpu() and settings.compile_decode and weight_format.startswith("float32"):
+    elif compiled_on_cpu and weight_format.startswith("float32"):
         from .cpu_blocks import speed_up_blocks, use_fast_logsumexp
         use_fast_logsumexp()
         fast = speed_up_blocks(model)
         if fast:
             weight_format += f", {fast} blocks on the CPU fast path"
     mx.eval(model.parameters())
-    if warm and prepare is None and on_cpu() and settings.compile_decode:
+    if warm and compiled_on_cpu:
         from .warm_up import warm_up
         seconds = warm_up(model, len(tokenizer))
         if seconds is not None:

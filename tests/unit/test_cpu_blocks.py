@@ -11,16 +11,10 @@ from mlx_lm.generate import BatchGenerator
 
 from mlx_backend.cpu_blocks import (FastBlock, attention, logsumexp, softmax, speed_up_blocks,
                                     use_fast_logsumexp)
-from mlx_backend.model_loader import load_model
-from mlx_backend.options import parse_options
-from mlx_backend.request import LoadRequest
+
+from .conftest import load
 
 PLAIN = ("compile_decode:false",)
-
-
-def load(folder, *options):
-    return load_model(LoadRequest(model=str(folder), options=list(options)),
-                      parse_options(list(options)))
 
 
 def greedy(model, prompts, tokens=24, prefill_step_size=2048):
@@ -36,9 +30,9 @@ def greedy(model, prompts, tokens=24, prefill_step_size=2048):
     return [out[uid] for uid in uids]
 
 
-def test_fast_blocks_decode_the_same_tokens(tiny_model):
+def test_fast_blocks_decode_the_same_tokens(tiny_model, loaded):
     plain = load(tiny_model, *PLAIN)
-    fast = load(tiny_model)
+    fast = loaded  # the default options: the fast path on the CPU
     assert not any(isinstance(b, FastBlock) for b in plain.model.layers)
     if not all(isinstance(b, FastBlock) for b in fast.model.layers):
         assert mx.default_device() != mx.cpu  # the fast path is for the CPU only
