@@ -537,10 +537,10 @@ def profile_prefill(model, tokens=1024, chunk=512, reps=2):
 def machine():
     import mlx.core as mx
 
-    from mlx_backend.model_loader import blas_library, gemv_forwarder
+    from mlx_backend.model_loader import blas_forwarding, blas_library
 
     info = {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "mlx": mx.__version__, "blas": blas_library(), "gemv_forwarder": gemv_forwarder(),
+            "mlx": mx.__version__, "blas": blas_library(), "blas_forwarding": blas_forwarding(),
             "ld_preload": os.environ.get("LD_PRELOAD"),
             "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
     try:
@@ -667,7 +667,7 @@ def table(result) -> str:
     m = result.get("machine", {})
     lines.append(f"model {os.path.basename(result['model'])} ({result['weight_format']}, "
                  f"{result['weights_mb']:.0f} MB); blas {m.get('blas')}"
-                 f"{' (one-row products as gemv)' if m.get('gemv_forwarder') else ''}; "
+                 f"{m.get('blas_forwarding') or ''}; "
                  f"{m.get('cpus')} CPUs; context {result['context']} positions/row")
     if bs:
         lines += _decode_table(result)

@@ -13,6 +13,7 @@ LoRA adapters (`LoraAdapter(s)` / `LoraScale(s)`) are checked before the
 weights load and merged into them after the CPU fast path: see `adapters`.
 """
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -123,6 +124,27 @@ def gemv_forwarder() -> Optional[str]:
     return _mapped(r"/mlx-backend/gemv-[0-9a-f]+\.so$")
 
 
+def small_gemm_threads() -> int:
+    """How many threads mlx_backend/blas/small_gemm.c (preloaded by run.sh
+    before OpenBLAS) runs 2-32 row products with; 0 when it is absent or
+    takes none on this CPU."""
+    try:
+        return ctypes.CDLL(None).small_gemm_threads()
+    except AttributeError:
+        return 0
+
+
+def blas_forwarding() -> str:
+    """What the preloaded forwarders take from OpenBLAS, for logs."""
+    taken = []
+    threads = small_gemm_threads()
+    if threads:
+        taken.append(f"2-32 row products by small_gemm.c, {threads} threads")
+    if gemv_forwarder():
+        taken.append("one-row products as gemv")
+    return f" ({'; '.join(taken)})" if taken else ""
+
+
 def _apply_cpu_fast_path(model: nn.Module, settings: ModelSettings) -> str:
     """Dequantize and widen to float32 on the CPU; describe the weight format."""
     from mlx_lm.utils import dequantize_model
@@ -223,8 +245,7 @@ def load_model(request, settings: ModelSettings, prepare=None, warm=True) -> Loa
         log.info("LoRA adapters: %s", adapters_line)
     if on_cpu():
         if blas:
-            log.info("CPU fast path: BLAS %s%s", blas, " (one-row products as gemv)"
-                     if gemv_forwarder() else "")
+            log.info("CPU fast path: BLAS %s%s", blas, blas_forwarding())
         else:
             log.warning("CPU fast path unavailable: no optimized BLAS loaded (install "
                         "libopenblas0-pthread and start through run.sh)")

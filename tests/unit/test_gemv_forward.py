@@ -1,6 +1,7 @@
-"""mlx_backend/blas/: what run.sh preloads hands MLX's one-row products with
-weights (and long keys) to OpenBLAS's gemv, to its bits, and every other
-product to OpenBLAS's gemm, to its bits."""
+"""mlx_backend/blas/gemv_forward.c: what run.sh preloads hands MLX's one-row
+products with weights (and long keys) to OpenBLAS's gemv, to its bits, and
+every other product to OpenBLAS's gemm, to its bits (small_gemm.c, which takes
+2-32 row products before them, left out: test_small_gemm.py)."""
 
 import json
 import os
@@ -73,7 +74,8 @@ print(json.dumps({"checks": out, "distinct": not same(gemv(x, w), gemm(x, w, Tru
 
 def preload(home, **env):
     done = subprocess.run(["bash", str(PRELOAD)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HOME": str(home), **env})
+                          env={**os.environ, "HOME": str(home), "MLX_BACKEND_SMALL_GEMM": "0",
+                               **env})
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
