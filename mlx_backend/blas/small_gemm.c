@@ -32,7 +32,7 @@
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, CONJ_TRANS = 113 };
 enum { MIN_ROWS = 2, MAX_ROWS = 32 };   /* one row: gemv; more: OpenBLAS's own kernels */
 enum { MIN_ELEMENTS = 1 << 16 };        /* of W: smaller products are not worth it */
-enum { MIN_FLOPS_PER_THREAD = 1 << 20 };
+enum { MIN_FLOPS_PER_THREAD = 1 << 20 };  /* ~15 us: less is not worth waking a worker */
 enum { MAX_THREADS = 4 };
 enum { MR = 4, NR = 6 };                /* the register tile */
 enum { BLOCK_ROWS = 48, BLOCK_BYTES = 384 << 10 };  /* a block of W and the next fit in L2 */
