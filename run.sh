@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Starts the backend from the project's environment, as LocalAI does:
 #   run.sh --addr HOST:PORT
-# On Linux CPUs it preloads OpenBLAS and a one-row forwarder for it (the CPU
-# fast path: mlx_backend/blas/preload.sh). Signals reach the
+# On Linux CPUs it preloads OpenBLAS and two forwarders before it (one-row and
+# few-row products; the CPU fast path: mlx_backend/blas/preload.sh). Signals reach the
 # server directly (exec), so SIGTERM stops it gracefully.
 set -euo pipefail
 dir="$(cd "$(dirname "$0")" && pwd)"

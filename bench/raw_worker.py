@@ -1,7 +1,7 @@
 """The raw baseline: `mlx_lm.stream_generate` on the weights the server uses.
 
 Started by bench/run.py as a subprocess with the environment run.sh gives the
-server (LD_PRELOAD of OpenBLAS and its one-row forwarder on Linux when present),
+server (LD_PRELOAD of OpenBLAS and its forwarders on Linux when present),
 so both sides run the same BLAS. The model is loaded with the server's own loader
 (`mlx_backend.model_loader.load_model`), after the server's
 `native_kernels.enable()`, so the GGUF import and the CPU fast path

@@ -6,7 +6,7 @@ prefill's time goes, for the default model on the CPU.
     .venv/bin/python bench/step_profile.py                  # more repeats
     .venv/bin/python bench/step_profile.py --json out.json  # also write the numbers
 
-Run it with run.sh's preload (OpenBLAS and its one-row forwarder); main()
+Run it with run.sh's preload (OpenBLAS and its forwarders); main()
 re-executes itself with run.sh's LD_PRELOAD when it is missing
 (MLX_BACKEND_NO_OPENBLAS=1 turns that off).
 

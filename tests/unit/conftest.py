@@ -8,6 +8,9 @@ another context length) without loading it again.
 """
 
 import dataclasses
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,25 @@ from mlx_backend.model_loader import load_model
 from mlx_backend.options import parse_options
 from mlx_backend.request import LoadRequest
 from tiny_model import build_tiny_model
+
+
+PRELOAD = Path(__file__).resolve().parents[2] / "mlx_backend" / "blas" / "preload.sh"
+
+
+def blas_preload(home, **env) -> str:
+    """What run.sh would preload with HOME=`home` and `env` added
+    (mlx_backend/blas/preload.sh builds its libraries under that home)."""
+    done = subprocess.run(["bash", str(PRELOAD)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(home), **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def blas_home(tmp_path_factory):
+    """A home of the module's own: preload.sh's libraries are built there, not
+    in ~/.cache."""
+    return tmp_path_factory.mktemp("home")
 
 
 def load(folder, *options):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import PRELOAD, blas_preload
+
 ROOT = Path(__file__).resolve().parents[2]
-PRELOAD = ROOT / "mlx_backend" / "blas" / "preload.sh"
 
 # Runs with run.sh's LD_PRELOAD. `gemm`/`gemv` are OpenBLAS's own (looked up in
 # its library); `forwarder` is the cblas_sgemm every library sees (the preload).
@@ -73,21 +74,12 @@ print(json.dumps({"checks": out, "distinct": not same(gemv(x, w), gemm(x, w, Tru
 
 
 def preload(home, **env):
-    done = subprocess.run(["bash", str(PRELOAD)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HOME": str(home), "MLX_BACKEND_SMALL_GEMM": "0",
-                               **env})
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    return blas_preload(home, **{"MLX_BACKEND_SMALL_GEMM": "0", **env})
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")  # the forwarder is built here, not in ~/.cache
-
-
-@pytest.fixture(scope="module")
-def libraries(home):
-    libs = preload(home).split(":")
+def libraries(blas_home):
+    libs = preload(blas_home).split(":")
     if len(libs) != 2 or "gemv-" not in libs[0]:
         pytest.skip(f"no one-row forwarder on this machine (preload: {libs})")
     return libs
@@ -105,11 +97,11 @@ def test_mlx_products_reach_gemv_or_gemm_to_the_bit(libraries):
     assert checks == {name: True for name in checks}, checks
 
 
-def test_switches_and_reuse(home, libraries):
+def test_switches_and_reuse(blas_home, libraries):
     built = Path(libraries[0]).stat()
-    assert preload(home, MLX_BACKEND_GEMV="0") == libraries[1]
-    assert preload(home, MLX_BACKEND_NO_OPENBLAS="1") == ""
-    assert preload(home) == ":".join(libraries)
+    assert preload(blas_home, MLX_BACKEND_GEMV="0") == libraries[1]
+    assert preload(blas_home, MLX_BACKEND_NO_OPENBLAS="1") == ""
+    assert preload(blas_home) == ":".join(libraries)
     again = Path(libraries[0]).stat()
     assert (again.st_ino, again.st_mtime_ns) == (built.st_ino, built.st_mtime_ns)  # not rebuilt
     env_without_home = {k: v for k, v in os.environ.items() if k != "HOME"}

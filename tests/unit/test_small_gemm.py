@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import blas_preload
+
 ROOT = Path(__file__).resolve().parents[2]
-PRELOAD = ROOT / "mlx_backend" / "blas" / "preload.sh"
 
 # Runs with run.sh's LD_PRELOAD. `sgemm` is the cblas_sgemm every library sees.
 PROBE = r"""
@@ -103,21 +104,9 @@ print(json.dumps({"checks": out, "threads": lib.small_gemm_threads()}))
 """
 
 
-def preload(home, **env):
-    done = subprocess.run(["bash", str(PRELOAD)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HOME": str(home), **env})
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")  # the libraries are built here, not in ~/.cache
-
-
-@pytest.fixture(scope="module")
-def libraries(home):
-    libs = preload(home).split(":")
+def libraries(blas_home):
+    libs = blas_preload(blas_home).split(":")
     if not libs or "small-gemm-" not in libs[0]:
         pytest.skip(f"no small_gemm on this machine (preload: {libs})")
     return libs
@@ -150,6 +139,6 @@ def test_one_thread_when_openblas_is_told_so(libraries):
     assert checks == {name: True for name in checks}, checks
 
 
-def test_switch(home, libraries):
-    assert preload(home, MLX_BACKEND_SMALL_GEMM="0") == ":".join(libraries[1:])
-    assert preload(home) == ":".join(libraries)
+def test_switch(blas_home, libraries):
+    assert blas_preload(blas_home, MLX_BACKEND_SMALL_GEMM="0") == ":".join(libraries[1:])
+    assert blas_preload(blas_home) == ":".join(libraries)
