@@ -213,8 +213,9 @@ def load_model(request, settings: ModelSettings, prepare=None, warm=True) -> Loa
     if prepare is not None:
         prepare(model)
     elif compiled_on_cpu and weight_format.startswith("float32"):
-        from .cpu_blocks import speed_up_blocks, use_fast_logsumexp
+        from .cpu_blocks import note_prompt_lengths, speed_up_blocks, use_fast_logsumexp
         use_fast_logsumexp()
+        note_prompt_lengths()
         fast = speed_up_blocks(model)
         if fast:
             weight_format += f", {fast} blocks on the CPU fast path"
