@@ -124,37 +124,61 @@ TARGET void tile(const int MB, const int NB, const struct product *p, const floa
   }
 ROWS(1) ROWS(2) ROWS(3) ROWS(4)
 
-/* All of A's rows against W's blocks part, part + parts, ... */
-static void product_part(const struct product *p, int n, int part, int parts) {
-  const int block = p->block;
-  for (int j0 = part * block; j0 < n; j0 += parts * block) {
-    int j1 = j0 + block < n ? j0 + block : n;
-    int jn = j0 + parts * block;
-    const float *next = jn + block <= n ? p->b + (long)jn * p->ldb : 0;
-    int i = 0;
-    for (; i + MR <= p->m; i += MR, next = 0)
-      rows_4(p, p->a + i * p->lda, p->c + i * p->ldc, j0, j1, next);
-    const float *a = p->a + i * p->lda;
-    float *c = p->c + i * p->ldc;
-    switch (p->m - i) {
-      case 3: rows_3(p, a, c, j0, j1, next); break;
-      case 2: rows_2(p, a, c, j0, j1, next); break;
-      case 1: rows_1(p, a, c, j0, j1, next); break;
-    }
+/* All of A's rows against W's rows [j0, j0 + block), `next` (or NULL) the
+   block to prefetch while the first rows of A go through this one. */
+static void product_block(const struct product *p, int n, int j0, const float *next) {
+  int j1 = j0 + p->block < n ? j0 + p->block : n;
+  int i = 0;
+  for (; i + MR <= p->m; i += MR, next = 0)
+    rows_4(p, p->a + i * p->lda, p->c + i * p->ldc, j0, j1, next);
+  const float *a = p->a + i * p->lda;
+  float *c = p->c + i * p->ldc;
+  switch (p->m - i) {
+    case 3: rows_3(p, a, c, j0, j1, next); break;
+    case 2: rows_2(p, a, c, j0, j1, next); break;
+    case 1: rows_1(p, a, c, j0, j1, next); break;
   }
 }
 
-/* Workers: worker `part` takes W's blocks part, part + parts, ... of the
-   product in `job` (the caller takes part 0). Interleaved blocks, not halves:
-   two threads far apart in a large W (the LM head) ran no faster than one.
-   They spin a little between products (a decode step makes them back to
-   back), then sleep on a condition variable. */
+/* W's block `index` when it is a whole one (worth prefetching), else NULL. */
+static const float *whole_block(const struct product *p, int n, int index) {
+  long j0 = (long)index * p->block;
+  return j0 + p->block <= n ? p->b + j0 * p->ldb : 0;
+}
+
+/* The whole product in the calling thread. */
+static void product_alone(const struct product *p, int n) {
+  for (int index = 0; (long)index * p->block < n; index++)
+    product_block(p, n, index * p->block, whole_block(p, n, index + 1));
+}
+
+/* The blocks of W not yet claimed by another thread, each thread claiming
+   one ahead (the one it prefetches). Claimed rather than dealt: a worker
+   that wakes late (it sleeps after a pause between products) leaves more
+   blocks to the others instead of keeping them waiting. The threads still
+   work on neighbouring blocks: two far apart in a large W (the LM head, in
+   halves) ran no faster than one. */
+static void product_shared(const struct product *p, int n, atomic_int *claims) {
+  int blocks = (n + p->block - 1) / p->block;
+  int index = atomic_fetch_add_explicit(claims, 1, memory_order_relaxed);
+  while (index < blocks) {
+    int next = atomic_fetch_add_explicit(claims, 1, memory_order_relaxed);
+    product_block(p, n, index * p->block, next < blocks ? whole_block(p, n, next) : 0);
+    index = next;
+  }
+}
+
+/* Workers: up to `parts - 1` of them share the product in `job` with the
+   caller, claiming W's blocks as they go (product_shared). They spin a
+   little between products (a decode step makes them back to back), then
+   sleep on a condition variable. */
 static struct {
   pthread_mutex_t busy;  /* one caller at a time; others compute alone */
   pthread_mutex_t lock;
   pthread_cond_t wake;
   atomic_uint generation;
   atomic_int pending;
+  atomic_int claims;  /* W's blocks handed out so far */
   int sleeping, threads, started;
   unsigned first_generation;  /* the one before a worker's first product */
   const struct product *job;  /* the product, its width and how many share it */
@@ -185,7 +209,7 @@ static void *worker(void *arg) {
     pthread_mutex_unlock(&pool.lock);
     seen = atomic_load(&pool.generation);
     const struct product *p = pool.job;
-    if (part < pool.parts) product_part(p, pool.n, part, pool.parts);
+    if (part < pool.parts) product_shared(p, pool.n, &pool.claims);
     atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
   }
   return NULL;
@@ -224,24 +248,25 @@ static void start_workers(void) {  /* under pool.busy */
 static void run(const struct product *p, int n) {
   long flops = 2L * p->m * n * p->k;
   if (flops < 2L * MIN_FLOPS_PER_THREAD || pthread_mutex_trylock(&pool.busy) != 0) {
-    product_part(p, n, 0, 1);
+    product_alone(p, n);
     return;
   }
   if (!pool.started) start_workers();
   int parts = pool.threads;
   while (parts > 1 && flops / parts < MIN_FLOPS_PER_THREAD) parts--;
   if (parts < 2) {
-    product_part(p, n, 0, 1);
+    product_alone(p, n);
   } else {
     pool.job = p;
     pool.n = n;
     pool.parts = parts;  /* workers past `parts` take nothing */
+    atomic_store_explicit(&pool.claims, 0, memory_order_relaxed);
     atomic_store(&pool.pending, pool.threads - 1);
     atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
     pthread_mutex_lock(&pool.lock);
     if (pool.sleeping) pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
-    product_part(p, n, 0, parts);
+    product_shared(p, n, &pool.claims);
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) _mm_pause();
   }
   pthread_mutex_unlock(&pool.busy);
