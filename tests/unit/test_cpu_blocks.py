@@ -1,5 +1,6 @@
 """mlx_backend/cpu_blocks.py: the CPU fast path's blocks give exactly mlx-lm's
-tokens, and its attention exactly MLX's."""
+tokens and KV caches (also when they skip prompt padding), and its attention
+exactly MLX's."""
 
 import importlib
 import os
@@ -82,6 +83,7 @@ def test_padded_prompts_skip_the_padding_to_the_bit(tiny_model, loaded, monkeypa
         return
     plain = load(tiny_model, *PLAIN)
     skipped = []
+    real_rows = cpu_blocks.real_rows
 
     def spy(cache, batch, length):
         packing = real_rows(cache, batch, length)
@@ -89,7 +91,6 @@ def test_padded_prompts_skip_the_padding_to_the_bit(tiny_model, loaded, monkeypa
             skipped.append(packing is not None)
         return packing
 
-    real_rows = cpu_blocks.real_rows
     monkeypatch.setattr(cpu_blocks, "real_rows", spy)
     lengths = [20, 90, 50, 70, 3]
     prompts = [[(i * 13 + j * 7) % 200 + 1 for j in range(n)] for i, n in enumerate(lengths)]
