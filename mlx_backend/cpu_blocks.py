@@ -163,19 +163,30 @@ class FastBlock(llama.TransformerBlock):
     def _prepare(self):
         attn = self.self_attn
 
-        def before(x, offset):
-            B, L, _ = x.shape
-            h = self.input_layernorm(x)
-            q = attn.q_proj(h).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
-            k = attn.k_proj(h).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-            v = attn.v_proj(h).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        def project(h, offset, B, L, spread=lambda t: t):
+            """q and k (with RoPE) and v of the normed rows h, as (B, heads, L,
+            head size); `spread` lays the rows out as B x L first."""
+            def heads(t, n):
+                return spread(t).reshape(B, L, n, -1).transpose(0, 2, 1, 3)
+            q = heads(attn.q_proj(h), attn.n_heads)
+            k = heads(attn.k_proj(h), attn.n_kv_heads)
+            v = heads(attn.v_proj(h), attn.n_kv_heads)
             return attn.rope(q, offset=offset), attn.rope(k, offset=offset), v
+
+        def finish(x, attended):
+            """o_proj, the residuals and the MLP of rows x (attended: their
+            heads side by side)."""
+            h = x + attn.o_proj(attended)
+            return h + self.mlp(self.post_attention_layernorm(h))
+
+        def before(x, offset):
+            return project(self.input_layernorm(x), offset, *x.shape[:2])
 
         def after(x, attended):
             B, L, _ = x.shape
-            h = x + attn.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
-            return h + self.mlp(self.post_attention_layernorm(h))
+            return finish(x, attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+        self._project, self._finish = project, finish
         self._plain = (before, after)
         self._compiled = (mx.compile(before), mx.compile(after))
 
@@ -184,25 +195,18 @@ class FastBlock(llama.TransformerBlock):
         attention on the padded layout (its padding is masked, so zeros do).
         Rows go back to the padded layout by a gather: MLX's scatter on the
         CPU is several times slower."""
-        attn = self.self_attn
         B, L, D = x.shape
         rows, back = packing
 
         def padded(t):
             return mx.concatenate([t, mx.zeros((1, t.shape[-1]), t.dtype)])[back]
 
-        def heads(t, n):
-            return padded(t).reshape(B, L, n, -1).transpose(0, 2, 1, 3)
-
         real = x.reshape(B * L, D)[rows]
-        h = self.input_layernorm(real)
-        q = attn.rope(heads(attn.q_proj(h), attn.n_heads), offset=cache.offset)
-        k = attn.rope(heads(attn.k_proj(h), attn.n_kv_heads), offset=cache.offset)
-        v = heads(attn.v_proj(h), attn.n_kv_heads)
+        q, k, v = self._project(self.input_layernorm(real), cache.offset, B, L, padded)
         keys, values = cache.update_and_fetch(k, v)
-        attended = attention(q, keys, values, attn.scale, mask)
-        h = real + attn.o_proj(attended.transpose(0, 2, 1, 3).reshape(B * L, -1)[rows])
-        return padded(h + self.mlp(self.post_attention_layernorm(h))).reshape(B, L, D)
+        attended = attention(q, keys, values, self.self_attn.scale, mask)
+        heads = attended.transpose(0, 2, 1, 3).reshape(B * L, -1)[rows]
+        return padded(self._finish(real, heads)).reshape(B, L, D)
 
     def __call__(self, x, mask=None, cache=None):
         if cache is None or hasattr(cache, "bits"):  # quantized caches: mlx-lm's attention

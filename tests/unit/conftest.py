@@ -10,6 +10,7 @@ another context length) without loading it again.
 import dataclasses
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from mlx_backend.request import LoadRequest
 from tiny_model import build_tiny_model
 
 
-PRELOAD = Path(__file__).resolve().parents[2] / "mlx_backend" / "blas" / "preload.sh"
+ROOT = Path(__file__).resolve().parents[2]
+PRELOAD = ROOT / "mlx_backend" / "blas" / "preload.sh"
 
 
 def blas_preload(home, **env) -> str:
@@ -30,6 +32,14 @@ def blas_preload(home, **env) -> str:
                           env={**os.environ, "HOME": str(home), **env})
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+def run_preloaded(code: str, preload: str, *args, **env) -> subprocess.CompletedProcess:
+    """Python `code` (with `args`) in a process of its own with LD_PRELOAD
+    `preload`, as run.sh starts the server."""
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600,
+                          env={**os.environ, "LD_PRELOAD": preload, **env})
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,7 @@ tokens and KV caches (also when they skip prompt padding), and its attention
 exactly MLX's."""
 
 import importlib
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,9 +16,7 @@ from mlx_backend import cpu_blocks
 from mlx_backend.cpu_blocks import (FastBlock, attention, logsumexp, softmax, speed_up_blocks,
                                     use_fast_logsumexp)
 
-from .conftest import blas_preload, load
-
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import ROOT, blas_preload, load, run_preloaded
 
 PLAIN = ("compile_decode:false",)
 
@@ -146,8 +140,7 @@ def test_skipped_padding_keeps_the_bits_of_run_sh_blas(blas_home):
     preload = blas_preload(blas_home)
     if not preload:
         pytest.skip("run.sh preloads no BLAS on this machine")
-    done = subprocess.run([sys.executable, "-c", ROWS_PROBE], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "LD_PRELOAD": preload})
+    done = run_preloaded(ROWS_PROBE, preload)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     # Fewer rows go to small_gemm.c (other bits): padding is skipped only above them
     source = (ROOT / "mlx_backend" / "blas" / "small_gemm.c").read_text()

@@ -6,14 +6,11 @@ every other product to OpenBLAS's gemm, to its bits (small_gemm.c, which takes
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import PRELOAD, blas_preload
-
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import PRELOAD, blas_preload, run_preloaded
 
 # Runs with run.sh's LD_PRELOAD. `gemm`/`gemv` are OpenBLAS's own (looked up in
 # its library); `forwarder` is the cblas_sgemm every library sees (the preload).
@@ -86,9 +83,7 @@ def libraries(blas_home):
 
 
 def test_mlx_products_reach_gemv_or_gemm_to_the_bit(libraries):
-    done = subprocess.run([sys.executable, "-c", PROBE, libraries[1]], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "LD_PRELOAD": ":".join(libraries)})
+    done = run_preloaded(PROBE, ":".join(libraries), libraries[1])
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     if not result["distinct"]:

@@ -5,15 +5,10 @@ once and after a fork."""
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .conftest import blas_preload
-
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import blas_preload, run_preloaded
 
 # Runs with run.sh's LD_PRELOAD. `sgemm` is the cblas_sgemm every library sees.
 PROBE = r"""
@@ -113,9 +108,7 @@ def libraries(blas_home):
 
 
 def probe(libraries, **env):
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          env={**os.environ, "LD_PRELOAD": ":".join(libraries), **env})
+    done = run_preloaded(PROBE, ":".join(libraries), **env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
